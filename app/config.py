@@ -1,0 +1,89 @@
+"""Settings, read from the environment (prefix ``PREFERO_``).
+
+Nothing here has an insecure default: when ``PREFERO_SECRET_KEY`` is unset a random key is
+generated once and stored in the data directory with 0600 permissions.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parent.parent
+"""The repository root: ``migrations/``, ``templates/`` and ``alembic.ini`` live here."""
+
+SECRET_FILE_NAME = "secret_key"
+
+
+class Settings(BaseSettings):
+    """Service settings. Every field is documented in the README's configuration table."""
+
+    model_config = SettingsConfigDict(env_prefix="PREFERO_", extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path(".prefero"),
+        description="Directory for the SQLite database, the generated secret key and caches.",
+    )
+    database_url: str = Field(
+        default="",
+        description="SQLAlchemy URL. Default: sqlite:///<data dir>/prefero.db. "
+        "PostgreSQL: postgresql+psycopg://user:password@host:5432/dbname.",
+    )
+    secret_key: str = Field(
+        default="",
+        description="Key for signing sessions and CSRF tokens. If unset, generated once and "
+        "stored in <data dir>/secret_key (mode 0600).",
+        repr=False,
+    )
+    max_import_bytes: int = Field(
+        default=200 * 1024 * 1024,
+        description="Largest accepted import body in bytes (compressed and uncompressed); "
+        "larger requests get 413.",
+    )
+    db_pool_size: int = Field(default=10, description="Connections per app process (PostgreSQL).")
+    db_statement_timeout_ms: int = Field(
+        default=30_000,
+        description="PostgreSQL statement timeout for request work, in milliseconds (0 = none).",
+    )
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'prefero.db'}"
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def ensure_data_dir(self) -> Path:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return self.data_dir
+
+    def get_secret_key(self) -> str:
+        """The configured key, or the one stored in the data dir (created on first use)."""
+        if self.secret_key:
+            return self.secret_key
+        path = self.ensure_data_dir() / SECRET_FILE_NAME
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            key = path.read_text().strip()
+            if key:
+                return key
+            raise RuntimeError(f"{path} is empty; delete it or set PREFERO_SECRET_KEY") from None
+        key = secrets.token_urlsafe(48)
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+        return key
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,83 @@
+"""Application factory: ``create_app(settings=None)`` wires routers, state and error handlers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from app import __version__
+from app.config import Settings, get_settings
+from app.db import engine_from_settings, make_session_factory
+from app.errors import DomainError
+from app.routes import api_projects, api_prompts, api_users, health
+
+log = logging.getLogger("prefero")
+
+DESCRIPTION = """\
+Admin API of **prefero**, a self-hosted service that collects human preference data
+(rankings of model completions) for RLHF.
+
+Authenticate with `Authorization: Bearer <token>` (`prefero tokens create USER`). Errors are
+JSON: `{"detail": "…", "errors": [{"line"?, "field", "message"}]}`.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    engine = engine_from_settings(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.dispose()
+
+    app = FastAPI(title="prefero", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = make_session_factory(engine)
+
+    for module in (health, api_projects, api_prompts, api_users):
+        app.include_router(module.router)
+    _install_error_handlers(app)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(DomainError)
+    async def domain_error(_: Request, exc: DomainError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [_validation_error(e) for e in exc.errors()[:100]]
+        return JSONResponse({"detail": "invalid request", "errors": errors}, status_code=422)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(PoolTimeout)
+    async def database_unavailable(_: Request, exc: Exception) -> JSONResponse:
+        if (
+            isinstance(exc, DBAPIError)
+            and not exc.connection_invalidated
+            and not isinstance(exc, OperationalError)
+        ):
+            raise exc
+        log.warning("database unavailable: %s", type(exc).__name__)
+        return JSONResponse(
+            {"detail": "database temporarily unavailable, retry shortly"},
+            status_code=503,
+            headers={"Retry-After": "2"},
+        )
+
+
+def _validation_error(error: dict[str, Any]) -> dict[str, Any]:
+    loc = [str(p) for p in error.get("loc", ())]
+    return {"field": ".".join(loc) or None, "message": error.get("msg", "invalid")}

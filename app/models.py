@@ -1,0 +1,227 @@
+"""ORM models (SQLAlchemy 2 typed declarative). Pydantic schemas live in ``app.schemas``.
+
+Tables are singular snake_case, timestamps end in ``_at`` and are stored in UTC. The schema
+changes only through Alembic migrations in ``migrations/versions``.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from app.db import Base, IdType, JSONType
+
+DEFAULT_FLAGS: tuple[str, ...] = (
+    "fails to follow the instruction",
+    "hallucination",
+    "inappropriate for a customer assistant",
+    "harmful advice",
+    "sexual content",
+    "violent content",
+    "denigrates a protected class",
+    "expresses a moral judgement",
+)
+"""The InstructGPT labeling metadata (Ouyang et al. 2022, Table 3)."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Timestamp(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on both databases (SQLite stores them as naive UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Role(enum.StrEnum):
+    admin = "admin"
+    annotator = "annotator"
+
+
+class AnnotationStatus(enum.StrEnum):
+    submitted = "submitted"
+    skipped = "skipped"
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        length=16,
+        validate_strings=True,
+        values_callable=lambda e: [m.value for m in e],
+        create_constraint=True,
+    )
+
+
+class User(Base):
+    __tablename__ = "user"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str | None] = mapped_column(String(255))
+    role: Mapped[Role] = mapped_column(_enum(Role, "role"))
+    active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
+    created_at: Mapped[datetime] = mapped_column(Timestamp(), default=utcnow)
+
+    tokens: Mapped[list[ApiToken]] = relationship(back_populates="user")
+
+
+class ApiToken(Base):
+    """A bearer token; only the SHA-256 of the secret is stored."""
+
+    __tablename__ = "api_token"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("user.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp(), default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(Timestamp())
+    revoked_at: Mapped[datetime | None] = mapped_column(Timestamp())
+
+    user: Mapped[User] = relationship(back_populates="tokens")
+
+
+class Project(Base):
+    __tablename__ = "project"
+    __table_args__ = (
+        CheckConstraint("completions_per_task BETWEEN 2 AND 9", name="k_range"),
+        CheckConstraint("overlap >= 1", name="overlap_positive"),
+        CheckConstraint("lease_seconds >= 30", name="lease_min"),
+    )
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    slug: Mapped[str] = mapped_column(String(64), unique=True)
+    guidelines: Mapped[str] = mapped_column(Text, default="")
+    completions_per_task: Mapped[int] = mapped_column(Integer, default=4)
+    overlap: Mapped[int] = mapped_column(Integer, default=3)
+    allow_ties: Mapped[bool] = mapped_column(Boolean, default=True)
+    likert: Mapped[bool] = mapped_column(Boolean, default=True)
+    flags: Mapped[list[Any]] = mapped_column(JSONType, default=lambda: list(DEFAULT_FLAGS))
+    require_rationale: Mapped[bool] = mapped_column(Boolean, default=False)
+    lease_seconds: Mapped[int] = mapped_column(Integer, default=600)
+    created_at: Mapped[datetime] = mapped_column(Timestamp(), default=utcnow)
+
+
+class Prompt(Base):
+    __tablename__ = "prompt"
+    __table_args__ = (
+        UniqueConstraint("project_id", "external_id"),
+        Index(None, "project_id", "id"),  # keyset pagination and export by project
+    )
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"))
+    external_id: Mapped[str] = mapped_column(String(200))
+    messages: Mapped[list[Any]] = mapped_column(JSONType)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
+    created_at: Mapped[datetime] = mapped_column(Timestamp(), default=utcnow)
+
+    completions: Mapped[list[Completion]] = relationship(
+        back_populates="prompt", order_by="Completion.id"
+    )
+
+
+class Completion(Base):
+    __tablename__ = "completion"
+    __table_args__ = (UniqueConstraint("prompt_id", "external_id"),)
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompt.id", ondelete="CASCADE"))
+    external_id: Mapped[str] = mapped_column(String(200))
+    text: Mapped[str] = mapped_column(Text)
+    model: Mapped[str | None] = mapped_column(String(200))
+    params: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    created_at: Mapped[datetime] = mapped_column(Timestamp(), default=utcnow)
+
+    prompt: Mapped[Prompt] = relationship(back_populates="completions")
+
+
+class Lease(Base):
+    """A prompt handed to one annotator until ``expires_at``, with the order it was shown in."""
+
+    __tablename__ = "lease"
+    __table_args__ = (
+        Index(None, "prompt_id", "expires_at"),
+        Index(None, "user_id", "expires_at"),
+    )
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompt.id", ondelete="CASCADE"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("user.id", ondelete="CASCADE"))
+    display_order: Mapped[list[Any]] = mapped_column(JSONType)
+    created_at: Mapped[datetime] = mapped_column(Timestamp(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(Timestamp())
+
+
+class Annotation(Base):
+    """One annotator's judgement of one prompt.
+
+    Rows are never updated in place: a correction is a new row with ``revision`` + 1 and
+    ``supersedes_id`` pointing at the row it replaces, so the full history is kept. The current
+    annotation of a (prompt, user) is the one with the highest revision; revision 1 is unique
+    per (prompt, user), which is what makes a retried submit idempotent.
+    """
+
+    __tablename__ = "annotation"
+    __table_args__ = (
+        UniqueConstraint("prompt_id", "user_id", "revision"),
+        CheckConstraint("revision >= 1", name="revision_positive"),
+        Index(None, "project_id", "id"),
+        Index(None, "user_id", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"))
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompt.id", ondelete="CASCADE"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("user.id", ondelete="CASCADE"))
+    lease_id: Mapped[int | None] = mapped_column(
+        ForeignKey("lease.id", ondelete="SET NULL"), unique=True
+    )
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+    supersedes_id: Mapped[int | None] = mapped_column(
+        ForeignKey("annotation.id", ondelete="SET NULL"), unique=True
+    )
+    status: Mapped[AnnotationStatus] = mapped_column(_enum(AnnotationStatus, "status"))
+    ranking: Mapped[list[Any]] = mapped_column(JSONType, default=list)
+    likert: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    flags: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    rationale: Mapped[str] = mapped_column(Text, default="")
+    display_order: Mapped[list[Any]] = mapped_column(JSONType, default=list)
+    duration_ms: Mapped[int | None] = mapped_column(Integer)
+    skip_reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(Timestamp(), default=utcnow)

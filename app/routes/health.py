@@ -1,0 +1,31 @@
+"""Liveness and readiness probes (no authentication)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.schemas import Health
+from app.services.health import readiness
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health)
+def healthz() -> Health:
+    """The process is alive."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+async def readyz(request: Request) -> JSONResponse:
+    """The database is reachable and its schema is at the latest migration."""
+    ready, detail, rev = await run_in_threadpool(readiness, request.app.state.engine)
+    body = Health(
+        status="ok" if ready else "unavailable",
+        detail=detail,
+        database=request.app.state.engine.dialect.name,
+        migration=rev,
+    )
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)

@@ -1,0 +1,191 @@
+"""Pydantic schemas for the API: XCreate / XRead / XUpdate. ORM models live in ``app.models``."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from app.models import DEFAULT_FLAGS, AnnotationStatus, Role
+
+Slug = Annotated[
+    str,
+    StringConstraints(pattern=r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$"),
+    Field(description="Lower-case letters, digits and '-', 1–64 characters, e.g. 'helpful-v1'."),
+]
+Username = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$"),
+    Field(description="1–64 characters: letters, digits, '_', '.', '@', '-'."),
+]
+Flag = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+
+
+def _check_unique_flags(flags: list[str]) -> list[str]:
+    if len(set(flags)) != len(flags):
+        raise ValueError("flags must be unique")
+    return flags
+
+
+class _Orm(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProjectSettings(_Strict):
+    guidelines: str = Field("", max_length=200_000, description="Markdown shown to annotators.")
+    completions_per_task: int = Field(4, ge=2, le=9, description="K completions ranked per task.")
+    overlap: int = Field(3, ge=1, le=100, description="Annotations wanted per prompt.")
+    allow_ties: bool = True
+    likert: bool = Field(True, description="Ask for a 1–7 Likert score per completion.")
+    flags: list[Flag] = Field(default_factory=lambda: list(DEFAULT_FLAGS), max_length=50)
+    require_rationale: bool = False
+    lease_seconds: int = Field(600, ge=30, le=86_400, description="How long a task is held.")
+
+    @field_validator("flags")
+    @classmethod
+    def _unique_flags(cls, v: list[str]) -> list[str]:
+        return _check_unique_flags(v)
+
+
+class ProjectCreate(ProjectSettings):
+    name: str = Field(min_length=1, max_length=200)
+    slug: Slug
+
+
+class ProjectUpdate(_Strict):
+    name: str | None = Field(None, min_length=1, max_length=200)
+    guidelines: str | None = Field(None, max_length=200_000)
+    completions_per_task: int | None = Field(None, ge=2, le=9)
+    overlap: int | None = Field(None, ge=1, le=100)
+    allow_ties: bool | None = None
+    likert: bool | None = None
+    flags: list[Flag] | None = Field(None, max_length=50)
+    require_rationale: bool | None = None
+    lease_seconds: int | None = Field(None, ge=30, le=86_400)
+
+    @field_validator("flags")
+    @classmethod
+    def _unique_flags(cls, v: list[str] | None) -> list[str] | None:
+        return _check_unique_flags(v) if v is not None else v
+
+
+class ProjectRead(_Orm):
+    id: int
+    name: str
+    slug: str
+    guidelines: str
+    completions_per_task: int
+    overlap: int
+    allow_ties: bool
+    likert: bool
+    flags: list[str]
+    require_rationale: bool
+    lease_seconds: int
+    created_at: datetime
+
+
+class ProjectDetail(ProjectRead):
+    prompt_count: int
+    completion_count: int
+    annotation_count: int
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class CompletionRead(_Orm):
+    id: int
+    external_id: str
+    text: str
+    model: str | None
+    params: dict[str, Any]
+    created_at: datetime
+
+
+class AnnotationRead(_Orm):
+    id: int
+    user_id: int
+    lease_id: int | None
+    revision: int
+    supersedes_id: int | None
+    status: AnnotationStatus
+    ranking: list[list[int]]
+    likert: dict[str, int]
+    flags: dict[str, list[str]]
+    rationale: str
+    display_order: list[int]
+    duration_ms: int | None
+    skip_reason: str | None
+    created_at: datetime
+
+
+class PromptRead(_Orm):
+    id: int
+    project_id: int
+    external_id: str
+    messages: list[Message]
+    metadata: dict[str, Any] = Field(validation_alias="metadata_")
+    created_at: datetime
+
+
+class PromptDetail(PromptRead):
+    completions: list[CompletionRead]
+    annotations: list[AnnotationRead]
+
+
+class PromptPage(BaseModel):
+    items: list[PromptRead]
+    next: str | None = Field(description="Pass as ?after= for the next page; null at the end.")
+
+
+class ImportResult(BaseModel):
+    created: int = Field(description="Prompts created.")
+    skipped: int = Field(description="Prompts already present (same id), left as they were.")
+    completions_created: int
+    completions_skipped: int
+
+
+class UserCreate(_Strict):
+    username: Username
+    password: str | None = Field(
+        None, min_length=8, max_length=1024, description="Omit for a token-only account."
+    )
+    role: Role = Role.annotator
+
+
+class UserRead(_Orm):
+    id: int
+    username: str
+    role: Role
+    active: bool
+    created_at: datetime
+
+
+class TokenCreate(_Strict):
+    name: str = Field("api", min_length=1, max_length=100)
+
+
+class TokenRead(_Orm):
+    id: int
+    name: str
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+class TokenCreated(TokenRead):
+    token: str = Field(description="The secret. Shown once; only its hash is stored.")
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    detail: str | None = None
+    database: str | None = None
+    migration: str | None = None

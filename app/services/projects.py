@@ -1,0 +1,67 @@
+"""Projects: create, read, list, update, with their prompt/completion/annotation counts."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.db import write_transaction
+from app.errors import Conflict, NotFound
+from app.models import Annotation, Completion, Project, Prompt
+from app.schemas import ProjectCreate, ProjectDetail, ProjectRead, ProjectUpdate
+
+
+def get_project(session: Session, *, slug: str) -> Project:
+    project = session.scalar(select(Project).where(Project.slug == slug))
+    if project is None:
+        raise NotFound(f"project {slug!r} not found")
+    return project
+
+
+def create_project(session: Session, *, data: ProjectCreate) -> Project:
+    write_transaction(session)
+    if session.scalar(select(Project.id).where(Project.slug == data.slug)) is not None:
+        session.rollback()
+        raise Conflict(f"a project with slug {data.slug!r} already exists")
+    project = Project(**data.model_dump())
+    session.add(project)
+    try:
+        session.commit()
+    except IntegrityError:  # lost a race with a concurrent create
+        session.rollback()
+        raise Conflict(f"a project with slug {data.slug!r} already exists") from None
+    return project
+
+
+def list_projects(session: Session) -> list[Project]:
+    return list(session.scalars(select(Project).order_by(Project.id)))
+
+
+def update_project(session: Session, *, slug: str, data: ProjectUpdate) -> ProjectDetail:
+    """Change the given settings (omitted or null fields are left alone)."""
+    write_transaction(session)
+    project = get_project(session, slug=slug)
+    for name, value in data.model_dump(exclude_unset=True).items():
+        if value is not None:
+            setattr(project, name, value)
+    session.commit()
+    return project_detail(session, slug=slug)
+
+
+def project_detail(session: Session, *, slug: str) -> ProjectDetail:
+    project = get_project(session, slug=slug)
+    prompts = session.scalar(select(func.count()).where(Prompt.project_id == project.id))
+    completions = session.scalar(
+        select(func.count())
+        .select_from(Completion)
+        .join(Prompt, Completion.prompt_id == Prompt.id)
+        .where(Prompt.project_id == project.id)
+    )
+    annotations = session.scalar(select(func.count()).where(Annotation.project_id == project.id))
+    return ProjectDetail(
+        **ProjectRead.model_validate(project).model_dump(),
+        prompt_count=prompts or 0,
+        completion_count=completions or 0,
+        annotation_count=annotations or 0,
+    )

@@ -1,0 +1,98 @@
+"""Accounts and API tokens, and resolving a bearer token to its user."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.db import write_transaction
+from app.errors import Conflict, NotFound, Unauthenticated
+from app.models import ApiToken, Role, User, utcnow
+from app.security import hash_password, hash_token, new_token
+
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+"""``api_token.last_used_at`` is refreshed at most this often, keeping writes off hot paths."""
+
+
+def get_user(session: Session, *, username: str) -> User:
+    user = session.scalar(select(User).where(User.username == username))
+    if user is None:
+        raise NotFound(f"user {username!r} not found")
+    return user
+
+
+def create_user(
+    session: Session, *, username: str, role: Role, password: str | None = None
+) -> User:
+    # Hash before the transaction starts: argon2 is deliberately slow.
+    password_hash = hash_password(password) if password else None
+    write_transaction(session)
+    if session.scalar(select(User.id).where(User.username == username)) is not None:
+        session.rollback()
+        raise Conflict(f"user {username!r} already exists")
+    user = User(username=username, role=role, password_hash=password_hash, active=True)
+    session.add(user)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        raise Conflict(f"user {username!r} already exists") from None
+    return user
+
+
+def list_users(session: Session) -> list[User]:
+    return list(session.scalars(select(User).order_by(User.id)))
+
+
+def create_token(session: Session, *, username: str, name: str = "api") -> tuple[ApiToken, str]:
+    """Create a token for ``username``; returns the row and the secret (shown once)."""
+    write_transaction(session)
+    user = get_user(session, username=username)
+    secret = new_token()
+    token = ApiToken(user_id=user.id, name=name, token_hash=hash_token(secret))
+    session.add(token)
+    session.commit()
+    return token, secret
+
+
+def revoke_token(session: Session, *, token_id: int) -> ApiToken:
+    write_transaction(session)
+    token = session.get(ApiToken, token_id)
+    if token is None:
+        session.rollback()
+        raise NotFound(f"token {token_id} not found")
+    if token.revoked_at is None:
+        token.revoked_at = utcnow()
+    session.commit()
+    return token
+
+
+def authenticate_token(session: Session, *, secret: str) -> User:
+    """The active user owning an unrevoked token, or :class:`Unauthenticated`."""
+    row = session.execute(
+        select(ApiToken, User)
+        .join(User, ApiToken.user_id == User.id)
+        .where(ApiToken.token_hash == hash_token(secret))
+    ).first()
+    if row is None:
+        raise Unauthenticated("invalid token")
+    token, user = row
+    if token.revoked_at is not None:
+        raise Unauthenticated("token revoked")
+    if not user.active:
+        raise Unauthenticated("account deactivated")
+    now = utcnow()
+    if token.last_used_at is None or now - token.last_used_at > LAST_USED_RESOLUTION:
+        token.last_used_at = now
+        session.commit()
+    return user
+
+
+def list_tokens(session: Session, *, username: str) -> list[ApiToken]:
+    user = get_user(session, username=username)
+    return list(
+        session.scalars(select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id))
+    )
