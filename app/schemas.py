@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from app.models import DEFAULT_FLAGS, AnnotationStatus, Role
 
@@ -131,7 +131,7 @@ class PromptRead(_Orm):
     project_id: int
     external_id: str
     messages: list[Message]
-    metadata: dict[str, Any] = Field(validation_alias="metadata_")
+    metadata: dict[str, Any] = Field(validation_alias=AliasChoices("metadata_", "metadata"))
     created_at: datetime
 
 

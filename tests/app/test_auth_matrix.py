@@ -1,0 +1,77 @@
+"""Every /api/v1 route × {anonymous, annotator, admin}.
+
+The expected access of each route is listed here; the test fails when a route exists that the
+table does not cover, so a new route cannot ship without a decision about who may call it.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from app.models import Role
+from tests.factories import auth, make_project, make_prompt, make_token, make_user
+
+ADMIN = "admin"
+EXPECTED_ACCESS = {
+    ("POST", "/api/v1/projects"): ADMIN,
+    ("GET", "/api/v1/projects"): ADMIN,
+    ("GET", "/api/v1/projects/{slug}"): ADMIN,
+    ("PATCH", "/api/v1/projects/{slug}"): ADMIN,
+    ("POST", "/api/v1/projects/{slug}/prompts"): ADMIN,
+    ("GET", "/api/v1/projects/{slug}/prompts"): ADMIN,
+    ("GET", "/api/v1/prompts/{prompt_id}"): ADMIN,
+    ("POST", "/api/v1/users"): ADMIN,
+    ("GET", "/api/v1/users"): ADMIN,
+    ("GET", "/api/v1/users/{username}/tokens"): ADMIN,
+    ("POST", "/api/v1/users/{username}/tokens"): ADMIN,
+    ("DELETE", "/api/v1/tokens/{token_id}"): ADMIN,
+}
+
+
+def api_routes(app) -> set[tuple[str, str]]:
+    paths = app.openapi()["paths"]
+    return {
+        (method.upper(), path)
+        for path, ops in paths.items()
+        if path.startswith("/api/v1")
+        for method in ops
+    }
+
+
+def test_table_covers_every_route(app):
+    assert api_routes(app) == set(EXPECTED_ACCESS)
+
+
+@pytest.mark.parametrize(("method", "path"), sorted(EXPECTED_ACCESS))
+def test_access(client, session, method, path):
+    project = make_project(session)
+    prompt = make_prompt(session, project)
+    admin = make_user(session, role=Role.admin)
+    annotator = make_user(session, role=Role.annotator)
+    url = re.sub(
+        r"\{(\w+)\}",
+        lambda m: {
+            "slug": project.slug,
+            "prompt_id": str(prompt.id),
+            "username": annotator.username,
+            "token_id": "1",
+        }[m.group(1)],
+        path,
+    )
+    body = {"json": {}} if method in {"POST", "PATCH"} else {}
+
+    anonymous = client.request(method, url, **body)
+    assert anonymous.status_code == 401, anonymous.text
+    assert anonymous.headers["www-authenticate"] == "Bearer"
+
+    bad_token = client.request(method, url, headers=auth("pf_not-a-token"), **body)
+    assert bad_token.status_code == 401
+
+    as_annotator = client.request(method, url, headers=auth(make_token(session, annotator)), **body)
+    assert as_annotator.status_code == 403, as_annotator.text
+
+    as_admin = client.request(method, url, headers=auth(make_token(session, admin)), **body)
+    assert as_admin.status_code not in (401, 403), as_admin.text
+    assert as_admin.status_code < 500, as_admin.text

@@ -1,0 +1,133 @@
+"""The ``prefero`` CLI, in-process (typer's CliRunner) and once through the console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+from app.cli import cli
+from app.config import get_settings
+from tests.conftest import create_database
+
+runner = CliRunner()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def cli_env(request, tmp_path, monkeypatch):
+    url, drop = create_database(request.param, tmp_path)
+    monkeypatch.setenv("PREFERO_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("PREFERO_DATABASE_URL", url)
+    get_settings.cache_clear()
+    yield url
+    get_settings.cache_clear()
+    drop()
+
+
+def run(*args: str, input: str | None = None, code: int = 0):
+    result = runner.invoke(cli, list(args), input=input)
+    assert result.exit_code == code, (args, result.output, result.stderr)
+    return result
+
+
+def scalar(url: str, sql: str) -> int:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as c:
+            return c.exec_driver_sql(sql).scalar_one()
+    finally:
+        engine.dispose()
+
+
+def test_full_admin_flow(cli_env, tmp_path):
+    run("db", "upgrade")
+    run("users", "create", "root", "--role", "admin", "--password-stdin", input="s3cret-password\n")
+    out = run("tokens", "create", "root", "--name", "laptop").stdout
+    token = out.strip().splitlines()[-1]
+    assert token.startswith("pf_")
+    run(
+        "projects", "create", "--slug", "helpful", "--name", "Helpful", "--k", "3", "--overlap", "2"
+    )
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(
+        json.dumps({"id": "a", "prompt": "Hi", "completions": ["x", "y", "z"]})
+        + "\n"
+        + json.dumps({"id": "b", "prompt": [{"role": "user", "content": "Yo"}]})
+        + "\n"
+    )
+    result = json.loads(run("import", str(data), "--project", "helpful").stdout)
+    assert result["created"] == 2
+    assert result["completions_created"] == 3
+    again = json.loads(run("import", str(data), "--project", "helpful").stdout)
+    assert (again["created"], again["skipped"]) == (0, 2)
+    assert scalar(cli_env, "SELECT count(*) FROM prompt") == 2
+
+
+def test_bad_import_exits_1_with_line_numbers_and_writes_nothing(cli_env, tmp_path):
+    run("db", "upgrade")
+    run("projects", "create", "--slug", "p", "--name", "P")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": ""}\n{nope\n')
+    result = run("import", str(bad), "--project", "p", code=1)
+    assert "line 2, prompt: must not be empty" in result.stderr
+    assert "line 3: invalid JSON" in result.stderr
+    assert "nothing was written" in result.stderr
+    assert scalar(cli_env, "SELECT count(*) FROM prompt") == 0
+
+
+def test_errors_are_clear(cli_env):
+    run("db", "upgrade")
+    assert "not found" in run("tokens", "create", "ghost", code=1).stderr
+    assert "error:" in run("projects", "create", "--slug", "Bad Slug", "--name", "x", code=2).stderr
+    run("users", "create", "dup")
+    assert "already exists" in run("users", "create", "dup", code=1).stderr
+    assert (
+        "error:" in run("users", "create", "u2", "--password-stdin", input="short\n", code=2).stderr
+    )
+
+
+def test_seed_demo_is_idempotent(cli_env):
+    run("db", "upgrade")
+    first = run("seed-demo").stdout
+    assert "password:" in first
+    second = run("seed-demo").stdout
+    assert "password unchanged" in second
+    assert scalar(cli_env, "SELECT count(*) FROM project") == 1
+    assert scalar(cli_env, "SELECT count(*) FROM prompt") >= 5
+
+
+def test_console_script(tmp_path):
+    env = {**os.environ, "PREFERO_DATA_DIR": str(tmp_path)}
+    env.pop("PREFERO_DATABASE_URL", None)
+    bin_dir = Path(sys.executable).parent
+
+    def sh(*args: str, stdin: str = "") -> str:
+        done = subprocess.run(
+            [str(bin_dir / "prefero"), *args],
+            env=env,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        return done.stdout
+
+    assert "Usage" in sh("--help")
+    sh("db", "upgrade")
+    assert (tmp_path / "prefero.db").exists()
+    sh("users", "create", "admin", "--role", "admin")
+    token = sh("tokens", "create", "admin").splitlines()[-1]
+    assert token.startswith("pf_")
+    assert " " not in token
+    trainer = subprocess.run(
+        [str(bin_dir / "prefero-train"), "--help"], capture_output=True, text=True, check=True
+    )
+    assert "prefero-train" in trainer.stdout
