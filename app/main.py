@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app import __version__
@@ -64,17 +64,30 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     @app.exception_handler(PoolTimeout)
     async def database_unavailable(_: Request, exc: Exception) -> JSONResponse:
-        if (
-            isinstance(exc, DBAPIError)
-            and not exc.connection_invalidated
-            and not isinstance(exc, OperationalError)
-        ):
-            raise exc
+        # Connection lost, server restarting, pool exhausted, lock or statement timeout.
         log.warning("database unavailable: %s", type(exc).__name__)
         return JSONResponse(
             {"detail": "database temporarily unavailable, retry shortly"},
             status_code=503,
             headers={"Retry-After": "2"},
+        )
+
+    @app.exception_handler(DataError)
+    async def unstorable_value(_: Request, exc: DataError) -> JSONResponse:
+        # Backstop: input validation should have caught it (out-of-range number, bad text).
+        log.warning("database rejected a value: %s", type(exc.orig).__name__)
+        return JSONResponse(
+            {"detail": "a value could not be stored (out of range or invalid characters)"},
+            status_code=422,
+        )
+
+    @app.exception_handler(IntegrityError)
+    async def conflicting_write(_: Request, exc: IntegrityError) -> JSONResponse:
+        # Backstop for races the services did not anticipate: nothing was written.
+        log.warning("integrity error: %s", type(exc.orig).__name__)
+        return JSONResponse(
+            {"detail": "conflicting concurrent change; nothing was written, retry"},
+            status_code=409,
         )
 
 

@@ -5,10 +5,34 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
 
 from app.models import DEFAULT_FLAGS, AnnotationStatus, Role
 
+MAX_ID = 2**63 - 1
+"""Largest database id (BIGINT); path and cursor ids above it are rejected, not overflowed."""
+
+
+def _storable(value: str) -> str:
+    """Reject what neither database can store: NUL characters and unpaired surrogates."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (unpaired surrogate)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_storable)]
 Slug = Annotated[
     str,
     StringConstraints(pattern=r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$"),
@@ -19,7 +43,7 @@ Username = Annotated[
     StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$"),
     Field(description="1–64 characters: letters, digits, '_', '.', '@', '-'."),
 ]
-Flag = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+Flag = Annotated[Text, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
 
 
 def _check_unique_flags(flags: list[str]) -> list[str]:
@@ -37,7 +61,7 @@ class _Strict(BaseModel):
 
 
 class ProjectSettings(_Strict):
-    guidelines: str = Field("", max_length=200_000, description="Markdown shown to annotators.")
+    guidelines: Text = Field("", max_length=200_000, description="Markdown shown to annotators.")
     completions_per_task: int = Field(4, ge=2, le=9, description="K completions ranked per task.")
     overlap: int = Field(3, ge=1, le=100, description="Annotations wanted per prompt.")
     allow_ties: bool = True
@@ -53,13 +77,13 @@ class ProjectSettings(_Strict):
 
 
 class ProjectCreate(ProjectSettings):
-    name: str = Field(min_length=1, max_length=200)
+    name: Text = Field(min_length=1, max_length=200)
     slug: Slug
 
 
 class ProjectUpdate(_Strict):
-    name: str | None = Field(None, min_length=1, max_length=200)
-    guidelines: str | None = Field(None, max_length=200_000)
+    name: Text | None = Field(None, min_length=1, max_length=200)
+    guidelines: Text | None = Field(None, max_length=200_000)
     completions_per_task: int | None = Field(None, ge=2, le=9)
     overlap: int | None = Field(None, ge=1, le=100)
     allow_ties: bool | None = None
@@ -154,7 +178,7 @@ class ImportResult(BaseModel):
 
 class UserCreate(_Strict):
     username: Username
-    password: str | None = Field(
+    password: Text | None = Field(
         None, min_length=8, max_length=1024, description="Omit for a token-only account."
     )
     role: Role = Role.annotator
@@ -169,7 +193,7 @@ class UserRead(_Orm):
 
 
 class TokenCreate(_Strict):
-    name: str = Field("api", min_length=1, max_length=100)
+    name: Text = Field("api", min_length=1, max_length=100)
 
 
 class TokenRead(_Orm):

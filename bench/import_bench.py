@@ -24,6 +24,7 @@ MB means 10**6 bytes throughout. Exit status 2 means a run failed or a count was
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -54,6 +55,11 @@ GOAL_RSS_GROWTH_MB = 300.0
 MB = 1_000_000
 SAMPLE_INTERVAL = 0.05
 PROJECT_SLUG = "bench"
+COMMON_WORDS = (
+    "the a of to and in is that it for on with as be this are by you not or from at "
+    "model answer question because however therefore example result data step first "
+    "résumé naïve café über — … “quoted” 東京 😀"
+)
 MODELS = ("model-a", "model-b", "model-c", "model-d", "model-e", "model-f", "model-g", "model-h")
 
 
@@ -63,11 +69,7 @@ MODELS = ("model-a", "model-b", "model-c", "model-d", "model-e", "model-f", "mod
 def _vocabulary(rng: random.Random, size: int = 4000) -> list[str]:
     """Pseudo-words built from syllables, with some real words and a little non-ASCII text."""
     syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"] + ["qu", "th", "sh", "ch"]
-    common = (
-        "the a of to and in is that it for on with as be this are by you not or from at "
-        "model answer question because however therefore example result data step first "
-        "résumé naïve café über — … “quoted” 東京 😀"
-    ).split()
+    common = COMMON_WORDS.split()
     words = set(common)
     while len(words) < size:
         words.add("".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))))
@@ -291,10 +293,8 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 def _tree_rss(proc: psutil.Process) -> int:
     total = 0
     for p in [proc, *proc.children(recursive=True)]:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             total += p.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
     return total
 
 

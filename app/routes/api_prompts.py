@@ -6,14 +6,14 @@ import tempfile
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, status
+from fastapi import APIRouter, Path, Query, Request, status
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.types import Message
 
 from app.deps import AdminUser, SessionDep, SettingsDep
 from app.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from app.schemas import ImportResult, PromptDetail, PromptPage
+from app.schemas import MAX_ID, ImportResult, PromptDetail, PromptPage
 from app.services import imports, prompts
 
 router = APIRouter(prefix="/api/v1", tags=["prompts"])
@@ -133,5 +133,7 @@ def list_prompts(
 
 
 @router.get("/prompts/{prompt_id}", response_model=PromptDetail)
-def get_prompt(prompt_id: int, session: SessionDep, _: AdminUser) -> PromptDetail:
+def get_prompt(
+    prompt_id: Annotated[int, Path(ge=1, le=MAX_ID)], session: SessionDep, _: AdminUser
+) -> PromptDetail:
     return prompts.get_prompt_detail(session, prompt_id=prompt_id)

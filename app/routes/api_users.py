@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response, status
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Response, status
 
 from app.deps import AdminUser, SessionDep
-from app.schemas import TokenCreate, TokenCreated, TokenRead, UserCreate, UserRead
+from app.schemas import MAX_ID, TokenCreate, TokenCreated, TokenRead, UserCreate, UserRead
 from app.services import users
 
 router = APIRouter(prefix="/api/v1", tags=["users"])
@@ -39,6 +41,8 @@ def create_token(
 
 
 @router.delete("/tokens/{token_id}", status_code=status.HTTP_204_NO_CONTENT)
-def revoke_token(token_id: int, session: SessionDep, _: AdminUser) -> Response:
+def revoke_token(
+    token_id: Annotated[int, Path(ge=1, le=MAX_ID)], session: SessionDep, _: AdminUser
+) -> Response:
     users.revoke_token(session, token_id=token_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from app.errors import InvalidInput, NotFound
 from app.models import Annotation, Prompt
-from app.schemas import AnnotationRead, PromptDetail, PromptPage, PromptRead
+from app.schemas import MAX_ID, AnnotationRead, PromptDetail, PromptPage, PromptRead
 from app.services.projects import get_project
 
 MAX_PAGE = 500
@@ -21,7 +21,7 @@ def list_prompts(
         raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}")
     cursor = 0
     if after:
-        if not after.isdigit() or len(after) > 19:
+        if not (after.isascii() and after.isdigit()) or int(after) > MAX_ID:
             raise InvalidInput("after: not a cursor returned by this endpoint")
         cursor = int(after)
     project = get_project(session, slug=project_slug)

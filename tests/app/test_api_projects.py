@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from app.models import DEFAULT_FLAGS, Project
 from tests.factories import (
     count,
@@ -93,3 +95,29 @@ def test_patch_changes_only_given_fields(client, session):
     assert r.status_code == 422
     r = client.patch("/api/v1/projects/missing", json={"overlap": 2}, headers=h)
     assert r.status_code == 404
+
+
+def test_unstorable_text_is_422_not_500(client, session):
+    h = make_admin_headers(session)
+    before = count(session, Project)
+    for name in ["nul\x00byte", "lone \ud800 surrogate"]:
+        r = client.post(
+            "/api/v1/projects",
+            content=json.dumps({"name": name, "slug": "odd"}),
+            headers={**h, "content-type": "application/json"},
+        )
+        assert r.status_code == 422, r.text
+        assert r.json()["errors"][0]["field"] == "body.name"
+    assert count(session, Project) == before
+
+
+def test_out_of_range_ids_are_422_not_500(client, session):
+    h = make_admin_headers(session)
+    project = make_project(session)
+    assert client.get(f"/api/v1/prompts/{2**70}", headers=h).status_code == 422
+    assert client.get("/api/v1/prompts/0", headers=h).status_code == 422
+    assert client.delete(f"/api/v1/tokens/{2**64}", headers=h).status_code == 422
+    r = client.get(f"/api/v1/projects/{project.slug}/prompts?after={2**64}", headers=h)
+    assert r.status_code == 422
+    r = client.get(f"/api/v1/projects/{project.slug}/prompts?after=%C2%B2", headers=h)
+    assert r.status_code == 422
