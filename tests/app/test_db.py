@@ -1,0 +1,85 @@
+"""Engine behaviour that the services rely on, on real databases (no rollback fixture here)."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+
+import pytest
+from sqlalchemy import event, func, select, text
+
+from app.db import make_engine, make_session_factory, write_transaction
+from app.models import Completion, Project, Prompt
+from app.services.imports import import_prompts
+from tests.conftest import create_database, migrate
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def committed_engine(request, tmp_path):
+    url, drop = create_database(request.param, tmp_path)
+    migrate(url)
+    engine = make_engine(url)
+    yield engine
+    engine.dispose()
+    drop()
+
+
+def test_sqlite_writer_transactions_begin_immediate(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'x.db'}")
+    seen: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *a: seen.append(a[2]))
+    factory = make_session_factory(engine)
+    with factory() as s:
+        write_transaction(s)
+        s.execute(text("SELECT 1"))
+        s.commit()
+    with factory() as s:
+        s.execute(text("SELECT 1"))
+        s.commit()
+    assert [q for q in seen if q.startswith(("BEGIN", "SELECT"))] == [
+        "BEGIN IMMEDIATE",
+        "SELECT 1",
+        "BEGIN",
+        "SELECT 1",
+    ]
+    with engine.connect() as c:
+        assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert c.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    engine.dispose()
+
+
+def test_concurrent_imports_of_the_same_file_never_duplicate(committed_engine):
+    factory = make_session_factory(committed_engine)
+    with factory() as s:
+        s.add(Project(name="P", slug="p"))
+        s.commit()
+    n = 300
+    data = "".join(
+        json.dumps({"id": f"q{i}", "prompt": f"question {i}", "completions": [f"a{i}", f"b{i}"]})
+        + "\n"
+        for i in range(n)
+    ).encode()
+    results, errors = [], []
+
+    def worker() -> None:
+        try:
+            with factory() as s:
+                results.append(
+                    import_prompts(s, project_slug="p", source=io.BytesIO(data), max_bytes=10**8)
+                )
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert sum(r.created for r in results) == n
+    assert sum(r.skipped for r in results) == 3 * n
+    assert sum(r.completions_created for r in results) == 2 * n
+    with factory() as s:
+        assert s.scalar(select(func.count()).select_from(Prompt)) == n
+        assert s.scalar(select(func.count()).select_from(Completion)) == 2 * n
