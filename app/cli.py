@@ -185,8 +185,8 @@ def import_file(
 def seed_demo() -> None:
     """Create an admin, an annotator and a demo project with prompts (idempotent)."""
     settings = get_settings()
+    lines, secret = [], None
     with _session() as s:
-        lines = []
         for username, role in (("admin", Role.admin), ("annotator", Role.annotator)):
             try:
                 users.get_user(s, username=username)
@@ -195,27 +195,30 @@ def seed_demo() -> None:
                 password = secrets.token_urlsafe(9)
                 users.create_user(s, username=username, role=role, password=password)
                 lines.append(f"  {role.value:9} {username:10} password: {password}")
+                if role == Role.admin:
+                    _, secret = users.create_token(s, username=username, name="demo")
         try:
             projects.get_project(s, slug="demo")
         except DomainError:
+            guidelines = (DEMO_DATA.parent / "guidelines.md").read_text()
             projects.create_project(
                 s,
                 data=ProjectCreate(
-                    slug="demo",
-                    name="Demo: helpful assistant",
-                    guidelines=(DEMO_DATA.parent / "guidelines.md").read_text(),
+                    slug="demo", name="Demo: helpful assistant", guidelines=guidelines
                 ),
             )
         with DEMO_DATA.open("rb") as f:
             result = imports.import_prompts(
                 s, project_slug="demo", source=f, max_bytes=settings.max_import_bytes
             )
-        _, secret = users.create_token(s, username="admin", name="demo")
     typer.echo("demo accounts:")
     for line in lines:
         typer.echo(line)
     typer.echo(f"demo project 'demo': {result.created} prompts added, {result.skipped} present")
-    typer.echo(f"admin API token: {secret}")
+    if secret:
+        typer.echo(f"admin API token (shown once): {secret}")
+    else:
+        typer.echo("more API tokens: prefero tokens create admin")
 
 
 def main() -> None:

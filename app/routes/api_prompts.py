@@ -14,7 +14,7 @@ from starlette.types import Message
 from app.deps import AdminUser, SessionDep, SettingsDep
 from app.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from app.schemas import MAX_ID, ImportResult, PromptDetail, PromptPage
-from app.services import imports, prompts
+from app.services import imports, projects, prompts
 
 router = APIRouter(prefix="/api/v1", tags=["prompts"])
 
@@ -98,6 +98,8 @@ async def import_prompts(
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise PayloadTooLarge(f"the upload is larger than the limit of {limit} bytes")
+    # Answer 404 before reading a large body for a project that does not exist.
+    await run_in_threadpool(projects.get_project, session, slug=slug)
     body = _limited(request, limit)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
