@@ -6,7 +6,6 @@ explicit-transaction mode so that savepoints and ``BEGIN IMMEDIATE`` work.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Engine, Integer, MetaData, create_engine, event
@@ -86,23 +85,3 @@ def engine_from_settings(settings: Settings) -> Engine:
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False, autoflush=False)
-
-
-def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """Yield a session that is rolled back (if still in a transaction) and closed afterwards."""
-    session = factory()
-    try:
-        yield session
-    finally:
-        session.close()
-
-
-def write_transaction(session: Session) -> None:
-    """Start the session's transaction as a writer.
-
-    On SQLite this issues ``BEGIN IMMEDIATE`` (one writer at a time, waiting up to the busy
-    timeout) so a service that reads before it writes never hits ``SQLITE_BUSY`` mid-way; on
-    PostgreSQL it is a plain ``BEGIN``. Call it first thing in a service that writes.
-    """
-    if not session.in_transaction():
-        session.connection(execution_options={"sqlite_immediate": True})

@@ -11,10 +11,12 @@ numbers; memory use is bounded by the largest single record, not by the file siz
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import io
 import json
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ COMPLETION_FIELDS = frozenset({"id", "text", "model", "params"})
 HH_HUMAN = "\n\nHuman:"
 HH_ASSISTANT = "\n\nAssistant:"
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")  # an escaped NUL in orjson output
 _CHUNK = 1 << 20
 
 
@@ -136,24 +139,34 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # as orjson does for JSON Lines: 1e400 must not become Infinity
+        raise ValueError("number is infinity when parsed as double")
+    return value
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 _WS = re.compile(r"[ \t\r\n]*")
 
 
 def _iter_array(stream: io.BufferedReader) -> Iterator[tuple[int, Any, RecordError | None]]:
     """Incrementally decode ``[v, v, …]`` keeping only the unread tail in memory."""
-    text = io.TextIOWrapper(stream, encoding="utf-8", errors="strict", newline="")
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
     buf, pos, line, eof = "", 0, 1, False
 
     def fill() -> bool:
-        nonlocal buf, pos, eof
+        nonlocal buf, pos, line, eof
         if eof:
             return False
+        data = stream.read(_CHUNK)
         try:
-            chunk = text.read(_CHUNK)
-        except UnicodeDecodeError:
+            chunk = decoder.decode(data, final=not data)
+        except UnicodeDecodeError as e:
+            # Report the line of the bad byte, not the line the parser had reached.
+            line += buf.count("\n", pos) + e.object[: e.start].count(b"\n")
             raise _Invalid(None, "invalid UTF-8") from None
-        if not chunk:
+        if not data:
             eof = True
             return False
         buf = buf[pos:] + chunk
@@ -291,19 +304,21 @@ def _messages(value: Any) -> list[dict[str, str]]:
     return out
 
 
-def _metadata(value: Any) -> dict[str, Any]:
+def _json_object(value: Any, fld: str) -> dict[str, Any]:
+    """``metadata`` / ``params``: an object both databases can store (PostgreSQL JSONB refuses
+    NUL characters and unpaired surrogates)."""
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise _Invalid("metadata", f"must be an object, not {_type_name(value)}")
+        raise _Invalid(fld, f"must be an object, not {_type_name(value)}")
     try:
         encoded = orjson.dumps(value)
     except (orjson.JSONEncodeError, TypeError) as e:
-        raise _Invalid("metadata", f"cannot be stored: {e}") from None
+        raise _Invalid(fld, f"cannot be stored: {e}") from None
     if len(encoded) > MAX_METADATA_BYTES:
-        raise _Invalid("metadata", f"is larger than {MAX_METADATA_BYTES} bytes")
-    if b"\\u0000" in encoded:
-        raise _Invalid("metadata", "contains a NUL character")
+        raise _Invalid(fld, f"is larger than {MAX_METADATA_BYTES} bytes")
+    if _NUL_ESCAPE.search(encoded):
+        raise _Invalid(fld, "contains a NUL character")
     return value
 
 
@@ -334,9 +349,7 @@ def _completions(value: Any) -> list[CompletionIn]:
         model = c.get("model")
         if model is not None:
             model = _text(model, f"{fld}.model", max_chars=MAX_MODEL_CHARS)
-        params = c.get("params") or {}
-        if not isinstance(params, dict):
-            raise _Invalid(f"{fld}.params", f"must be an object, not {_type_name(params)}")
+        params = _json_object(c.get("params") or {}, f"{fld}.params")
         out.append(CompletionIn(cid, text, model, params))
     return out
 
@@ -405,7 +418,7 @@ def validate_record(line: int, obj: Any) -> PromptIn:
         ext,
         explicit,
         messages,
-        _metadata(obj.get("metadata")),
+        _json_object(obj.get("metadata"), "metadata"),
         _completions(obj.get("completions")),
     )
 

@@ -6,10 +6,10 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db import write_transaction
 from app.errors import Conflict, NotFound
 from app.models import Annotation, Completion, Project, Prompt
 from app.schemas import ProjectCreate, ProjectDetail, ProjectRead, ProjectUpdate
+from app.services.transactions import write_transaction
 
 
 def get_project(session: Session, *, slug: str) -> Project:

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from app.db import write_transaction
 from app.errors import Conflict, NotFound, Unauthenticated
 from app.models import ApiToken, Role, User, utcnow
 from app.security import hash_password, hash_token, new_token
+from app.services.transactions import write_transaction
 
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 """``api_token.last_used_at`` is refreshed at most this often, keeping writes off hot paths."""
@@ -86,13 +86,21 @@ def authenticate_token(session: Session, *, secret: str) -> User:
         raise Unauthenticated("account deactivated")
     now = utcnow()
     if token.last_used_at is None or now - token.last_used_at > LAST_USED_RESOLUTION:
-        token.last_used_at = now
-        session.commit()
+        _touch_token(session, token_id=token.id, now=now)
     return user
+
+
+def _touch_token(session: Session, *, token_id: int, now: datetime) -> None:
+    """Record the token's use. Best effort: a busy database must not fail the request."""
+    try:
+        write_transaction(session)
+        session.execute(update(ApiToken).where(ApiToken.id == token_id).values(last_used_at=now))
+        session.commit()
+    except OperationalError:
+        session.rollback()
 
 
 def list_tokens(session: Session, *, username: str) -> list[ApiToken]:
     user = get_user(session, username=username)
-    return list(
-        session.scalars(select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id))
-    )
+    query = select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id)
+    return list(session.scalars(query))

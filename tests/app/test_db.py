@@ -9,9 +9,10 @@ import threading
 import pytest
 from sqlalchemy import event, func, select, text
 
-from app.db import make_engine, make_session_factory, write_transaction
+from app.db import make_engine, make_session_factory
 from app.models import Completion, Project, Prompt
 from app.services.imports import import_prompts
+from app.services.transactions import write_transaction
 from tests.conftest import create_database, migrate
 
 
