@@ -349,7 +349,7 @@ def _completions(value: Any) -> list[CompletionIn]:
         model = c.get("model")
         if model is not None:
             model = _text(model, f"{fld}.model", max_chars=MAX_MODEL_CHARS)
-        params = _json_object(c.get("params") or {}, f"{fld}.params")
+        params = _json_object(c.get("params"), f"{fld}.params")
         out.append(CompletionIn(cid, text, model, params))
     return out
 
