@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.schemas import Health
 from app.services.health import readiness
 
 router = APIRouter(tags=["health"])
+
+
+@router.get("/", include_in_schema=False)
+def root() -> RedirectResponse:
+    """The API documentation, until the labeling pages take this place."""
+    return RedirectResponse("/docs")
 
 
 @router.get("/healthz", response_model=Health)

@@ -49,3 +49,10 @@ def test_database_outage_is_503_with_retry_after(tmp_path):
     assert r.status_code == 503
     assert r.headers["retry-after"]
     assert "Traceback" not in r.text
+
+
+def test_root_leads_to_the_api_docs(client):
+    r = client.get("/", follow_redirects=False)
+    assert r.status_code == 307
+    assert r.headers["location"] == "/docs"
+    assert client.get("/docs").status_code == 200
