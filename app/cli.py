@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,15 +14,26 @@ from typing import Annotated
 
 import typer
 from alembic import command
-from sqlalchemy.orm import Session
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from sqlalchemy.orm import Session, sessionmaker
 
-from app.config import ROOT, get_settings
+from app.config import ROOT, Settings, get_settings
 from app.db import engine_from_settings, make_session_factory
 from app.errors import DomainError, ImportRejected
-from app.models import Role
-from app.schemas import ProjectCreate
-from app.services import imports, projects, users
+from app.generation.base import BUILTIN_MODEL
+from app.models import GenerationJob, Role
+from app.schemas import GenerationParams, JobCreate, ProjectCreate
+from app.services import generation, imports, projects, users
 from app.services.health import alembic_config
+from app.worker import JobRun, backend_loader, run_worker, worker_name
+from app.worker import Progress as Progress_
 
 cli = typer.Typer(
     help="prefero: collect human preference data for RLHF.",
@@ -42,7 +55,17 @@ DEMO_DATA = ROOT / "app" / "demo" / "prompts.jsonl"
 @contextmanager
 def _session() -> Iterator[Session]:
     engine = engine_from_settings(get_settings())
-    session = make_session_factory(engine)()
+    try:
+        with _session_from(make_session_factory(engine)) as session:
+            yield session
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def _session_from(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A session whose domain errors end the command with a message and exit status 1."""
+    session = factory()
     try:
         yield session
     except ImportRejected as e:
@@ -56,7 +79,6 @@ def _session() -> Iterator[Session]:
         raise typer.Exit(1) from None
     finally:
         session.close()
-        engine.dispose()
 
 
 @db_cli.command("upgrade")
@@ -181,8 +203,127 @@ def import_file(
     typer.echo(json.dumps(result.model_dump()))
 
 
+@cli.command()
+def worker(
+    once: Annotated[bool, typer.Option(help="Exit when no job is left.")] = False,
+    poll: Annotated[float, typer.Option(help="Seconds between looks for new jobs.")] = 1.0,
+) -> None:
+    """Run generation jobs (several workers may run at once, on any hosts)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    settings = get_settings()
+    engine = engine_from_settings(settings)
+    try:
+        run_worker(settings, make_session_factory(engine), poll_s=poll, once=once)
+    finally:
+        engine.dispose()
+
+
+@cli.command()
+def generate(
+    project: Annotated[str, typer.Option(help="Project slug.")],
+    model: Annotated[
+        list[str] | None,
+        typer.Option(help=f"Model (repeat to cycle several). Default: {BUILTIN_MODEL}."),
+    ] = None,
+    backend: Annotated[str, typer.Option(help="transformers or openai.")] = "transformers",
+    k: Annotated[int | None, typer.Option("--k", help="Completions per prompt.")] = None,
+    temperature: Annotated[
+        list[float] | None, typer.Option(help="Repeat for one per completion slot.")
+    ] = None,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling.")] = 0.95,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per completion.")] = 256,
+    seed: Annotated[int, typer.Option(help="Slot i uses seed + i.")] = 0,
+    detach: Annotated[bool, typer.Option(help="Only queue the job and print its id.")] = False,
+) -> None:
+    """Generate K completions per prompt. Runs here when no worker is running."""
+    try:
+        data = JobCreate(
+            model=model or BUILTIN_MODEL,
+            backend=backend,  # type: ignore[arg-type]
+            k=k,
+            params=GenerationParams(
+                temperature=temperature or 0.7,
+                top_p=top_p,
+                max_new_tokens=max_new_tokens,
+                seed=seed,
+            ),
+        )
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    settings = get_settings()
+    engine = engine_from_settings(settings)
+    factory = make_session_factory(engine)
+    try:
+        with _session_from(factory) as s:
+            job = generation.create_job(s, project_slug=project, data=data)
+            typer.echo(f"job {job.id}: {job.k} completions × {job.total} prompts ({job.backend})")
+            if detach:
+                return
+            workers = generation.live_workers(s)
+        with Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        ) as bar:
+            task = bar.add_task("generating", total=job.total)
+
+            def progress(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            if workers:
+                final = _follow(factory, job.id, progress)
+            else:
+                final = _run_here(settings, factory, job.id, progress)
+        typer.echo(
+            f"job {final.id} {final.status.value}: {final.completions_created} completions, "
+            f"{final.duplicates_dropped} duplicates dropped"
+            + (f"; {final.message}" if final.message else "")
+        )
+        if final.status.value != "succeeded":
+            raise typer.Exit(1)
+    finally:
+        engine.dispose()
+
+
+def _follow(factory: sessionmaker[Session], job_id: int, progress: Progress_) -> GenerationJob:
+    """Show a worker's progress on the job until it finishes."""
+    while True:
+        with factory() as s:
+            job = generation.get_job(s, job_id=job_id)
+        progress(job.done, job.total)
+        if job.status.value in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(1.0)
+
+
+def _run_here(
+    settings: Settings, factory: sessionmaker[Session], job_id: int, progress: Progress_
+) -> GenerationJob:
+    name = f"cli:{worker_name()}"
+    with factory() as s:
+        claimed = generation.claim_job(s, worker=name, job_id=job_id)
+    if claimed is not None:
+        JobRun(factory, job_id, name, backend_loader(settings), progress=progress).run()
+    with factory() as s:
+        return generation.get_job(s, job_id=job_id)
+
+
+DEMO_GENERATION = JobCreate(
+    model=BUILTIN_MODEL,
+    k=4,
+    params=GenerationParams(temperature=[0.3, 0.7, 1.0, 1.2], max_new_tokens=160),
+)
+
+
 @cli.command("seed-demo")
-def seed_demo() -> None:
+def seed_demo(
+    generate: Annotated[
+        bool, typer.Option(help="Queue generation of 4 completions per prompt (built-in model).")
+    ] = True,
+) -> None:
     """Create an admin, an annotator and a demo project with prompts (idempotent)."""
     settings = get_settings()
     lines, secret = [], None
@@ -211,10 +352,18 @@ def seed_demo() -> None:
             result = imports.import_prompts(
                 s, project_slug="demo", source=f, max_bytes=settings.max_import_bytes
             )
+        job = None
+        if generate and not generation.list_jobs(s, project_slug="demo", limit=1):
+            job = generation.create_job(s, project_slug="demo", data=DEMO_GENERATION)
     typer.echo("demo accounts:")
     for line in lines:
         typer.echo(line)
     typer.echo(f"demo project 'demo': {result.created} prompts added, {result.skipped} present")
+    if job is not None:
+        typer.echo(
+            f"generation job {job.id} queued: 4 completions × {job.total} prompts "
+            f"with {BUILTIN_MODEL} (run `prefero worker`)"
+        )
     if secret:
         typer.echo(f"admin API token (shown once): {secret}")
     else:

@@ -51,6 +51,24 @@ class Settings(BaseSettings):
         description="PostgreSQL statement timeout for request work, in milliseconds (0 = none).",
     )
 
+    generation_threads: int = Field(
+        default=0, description="CPU threads for local generation (0 = all cores)."
+    )
+    openai_base_url: str = Field(
+        default="",
+        description="Base URL of an OpenAI-compatible server for the 'openai' generation backend "
+        "(vLLM, TGI, llama.cpp server), e.g. http://127.0.0.1:8080/v1.",
+    )
+    openai_api_key: str = Field(
+        default="", description="API key sent to that server (never logged).", repr=False
+    )
+    openai_max_concurrency: int = Field(
+        default=8, description="Concurrent requests to the OpenAI-compatible server."
+    )
+    openai_timeout_s: float = Field(
+        default=60.0, description="Timeout of one request to the OpenAI-compatible server."
+    )
+
     @model_validator(mode="after")
     def _defaults(self) -> Settings:
         self.data_dir = self.data_dir.expanduser().resolve()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,7 +18,7 @@ from app import __version__
 from app.config import Settings, get_settings
 from app.db import engine_from_settings, make_session_factory
 from app.errors import DomainError
-from app.routes import api_projects, api_prompts, api_users, health
+from app.routes import api_generation, api_projects, api_prompts, api_users, health
 
 log = logging.getLogger("prefero")
 
@@ -44,7 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
 
-    for module in (health, api_projects, api_prompts, api_users):
+    for module in (health, api_projects, api_prompts, api_generation, api_users):
         app.include_router(module.router)
     _install_error_handlers(app)
     return app
@@ -91,6 +92,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
 
 
+_FIELD_PART = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$|^\d+$")
+
+
 def _validation_error(error: dict[str, Any]) -> dict[str, Any]:
-    loc = [str(p) for p in error.get("loc", ())]
+    # Union members add validator names to the location ("function-after[…]"): keep the path.
+    loc = [str(p) for p in error.get("loc", ()) if _FIELD_PART.match(str(p))]
+    loc = [p for p in loc if not p.startswith(("function-", "constrained-"))]
     return {"field": ".".join(loc) or None, "message": error.get("msg", "invalid")}

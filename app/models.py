@@ -69,6 +69,14 @@ class Role(enum.StrEnum):
     annotator = "annotator"
 
 
+class JobStatus(enum.StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
 class AnnotationStatus(enum.StrEnum):
     submitted = "submitted"
     skipped = "skipped"
@@ -134,6 +142,10 @@ class Project(Base):
     flags: Mapped[list[Any]] = mapped_column(JSONType, default=lambda: list(DEFAULT_FLAGS))
     require_rationale: Mapped[bool] = mapped_column(Boolean, default=False)
     lease_seconds: Mapped[int] = mapped_column(Integer, default=600)
+    system_prompt: Mapped[str] = mapped_column(Text, default="", server_default="")
+    """Sent to the model before each prompt when generating (not shown to annotators)."""
+    instruction_template: Mapped[str] = mapped_column(Text, default="", server_default="")
+    """Wraps the last user message for generation; ``{prompt}`` marks where it goes."""
     created_at: Mapped[datetime] = mapped_column(Timestamp(), default=utcnow)
 
 
@@ -166,9 +178,69 @@ class Completion(Base):
     text: Mapped[str] = mapped_column(Text)
     model: Mapped[str | None] = mapped_column(String(200))
     params: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    backend: Mapped[str | None] = mapped_column(String(32))
+    input_text: Mapped[str | None] = mapped_column(Text)
+    """Exactly what was sent to the model (generated completions only)."""
+    job_id: Mapped[int | None] = mapped_column(
+        ForeignKey("generation_job.id", ondelete="SET NULL"), index=True
+    )
     created_at: Mapped[datetime] = mapped_column(Timestamp(), default=utcnow)
 
     prompt: Mapped[Prompt] = relationship(back_populates="completions")
+
+
+class GenerationJob(Base):
+    """A request to generate ``k`` completions for each selected prompt of a project.
+
+    Run by a worker process. Progress is committed with each batch of prompts (``cursor`` is
+    the last prompt id done), so a restarted worker resumes where the dead one stopped and
+    never writes a completion twice.
+    """
+
+    __tablename__ = "generation_job"
+    __table_args__ = (
+        Index(None, "status", "id"),
+        Index(None, "project_id", "id"),
+        CheckConstraint("k BETWEEN 1 AND 16", name="k_range"),
+    )
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"))
+    status: Mapped[JobStatus] = mapped_column(
+        _enum(JobStatus, "job_status"), default=JobStatus.queued
+    )
+    backend: Mapped[str] = mapped_column(String(32))
+    models: Mapped[list[Any]] = mapped_column(JSONType)
+    k: Mapped[int] = mapped_column(Integer)
+    params: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    prompt_ids: Mapped[list[Any] | None] = mapped_column(JSONType)
+    """The prompts to generate for; null = every prompt with id ≤ ``last_prompt_id``."""
+    last_prompt_id: Mapped[int] = mapped_column(IdType, default=0)
+    cursor: Mapped[int] = mapped_column(IdType, default=0)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    completions_created: Mapped[int] = mapped_column(Integer, default=0)
+    duplicates_dropped: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[list[Any]] = mapped_column(JSONType, default=list)
+    message: Mapped[str] = mapped_column(Text, default="")
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("user.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(Timestamp(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(Timestamp())
+    heartbeat_at: Mapped[datetime | None] = mapped_column(Timestamp())
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp())
+
+
+class Worker(Base):
+    """A running ``prefero worker`` process; ``heartbeat_at`` tells whether it is alive."""
+
+    __tablename__ = "worker"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    started_at: Mapped[datetime] = mapped_column(Timestamp(), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(Timestamp(), default=utcnow, index=True)
 
 
 class Lease(Base):

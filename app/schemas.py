@@ -15,7 +15,7 @@ from pydantic import (
     field_validator,
 )
 
-from app.models import DEFAULT_FLAGS, AnnotationStatus, Role
+from app.models import DEFAULT_FLAGS, AnnotationStatus, JobStatus, Role
 
 MAX_ID = 2**63 - 1
 """Largest database id (BIGINT); path and cursor ids above it are rejected, not overflowed."""
@@ -69,6 +69,14 @@ class ProjectSettings(_Strict):
     flags: list[Flag] = Field(default_factory=lambda: list(DEFAULT_FLAGS), max_length=50)
     require_rationale: bool = False
     lease_seconds: int = Field(600, ge=30, le=86_400, description="How long a task is held.")
+    system_prompt: Text = Field(
+        "", max_length=20_000, description="Sent to the model before each prompt when generating."
+    )
+    instruction_template: Text = Field(
+        "",
+        max_length=20_000,
+        description="Wraps the prompt for generation; '{prompt}' marks where it goes.",
+    )
 
     @field_validator("flags")
     @classmethod
@@ -91,6 +99,8 @@ class ProjectUpdate(_Strict):
     flags: list[Flag] | None = Field(None, max_length=50)
     require_rationale: bool | None = None
     lease_seconds: int | None = Field(None, ge=30, le=86_400)
+    system_prompt: Text | None = Field(None, max_length=20_000)
+    instruction_template: Text | None = Field(None, max_length=20_000)
 
     @field_validator("flags")
     @classmethod
@@ -110,6 +120,8 @@ class ProjectRead(_Orm):
     flags: list[str]
     require_rationale: bool
     lease_seconds: int
+    system_prompt: str
+    instruction_template: str
     created_at: datetime
 
 
@@ -130,6 +142,9 @@ class CompletionRead(_Orm):
     text: str
     model: str | None
     params: dict[str, Any]
+    backend: str | None
+    input_text: str | None
+    job_id: int | None
     created_at: datetime
 
 
@@ -213,3 +228,75 @@ class Health(BaseModel):
     detail: str | None = None
     database: str | None = None
     migration: str | None = None
+
+
+ModelName = Annotated[Text, StringConstraints(min_length=1, max_length=500)]
+Temperature = Annotated[float, Field(ge=0, le=2)]
+TopP = Annotated[float, Field(gt=0, le=1)]
+
+
+class GenerationParams(_Strict):
+    temperature: Temperature | list[Temperature] = Field(
+        0.7,
+        description="One value, or one per completion slot (cycled): e.g. [0.3, 0.7, 1.0, 1.2] "
+        "for diverse completions. 0 = greedy.",
+    )
+    top_p: TopP | list[TopP] = 0.95
+    max_new_tokens: int = Field(256, ge=1, le=4096)
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Completion slot i uses seed + i.")
+
+    @field_validator("temperature", "top_p")
+    @classmethod
+    def _non_empty(cls, v: float | list[float]) -> float | list[float]:
+        if isinstance(v, list) and not 1 <= len(v) <= 16:
+            raise ValueError("give 1 to 16 values")
+        return v
+
+
+class JobCreate(_Strict):
+    model: ModelName | list[ModelName] = Field(
+        "smollm2-135m-instruct",
+        description="The built-in 'smollm2-135m-instruct', a local model directory (e.g. a "
+        "policy written by prefero-train), a hub name, or a model served by the openai backend. "
+        "A list cycles over the completion slots.",
+    )
+    backend: Literal["transformers", "openai"] = "transformers"
+    k: int | None = Field(
+        None, ge=1, le=16, description="Completions per prompt (default: the project's K)."
+    )
+    params: GenerationParams = Field(default_factory=GenerationParams)
+    prompt_ids: list[Annotated[int, Field(ge=1, le=MAX_ID)]] | None = Field(
+        None, max_length=100_000, description="Only these prompts (default: all of them)."
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _models(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not 1 <= len(v) <= 16:
+            raise ValueError("give 1 to 16 models")
+        return v
+
+    def model_list(self) -> list[str]:
+        return [self.model] if isinstance(self.model, str) else list(self.model)
+
+
+class JobRead(_Orm):
+    id: int
+    project_id: int
+    status: JobStatus
+    backend: str
+    models: list[str]
+    k: int
+    params: dict[str, Any]
+    total: int = Field(description="Prompts to generate for.")
+    done: int = Field(description="Prompts done so far.")
+    completions_created: int
+    duplicates_dropped: int
+    errors: list[dict[str, Any]]
+    message: str
+    cancel_requested: bool
+    worker: str | None
+    created_at: datetime
+    started_at: datetime | None
+    heartbeat_at: datetime | None
+    finished_at: datetime | None

@@ -140,3 +140,13 @@ def test_dockerignore_keeps_local_state_out():
         if line.strip() and not line.startswith("#")
     }
     assert {".venv", ".prefero", ".git"} <= entries
+
+
+def test_compose_worker_runs_jobs_after_the_app_migrated(compose):
+    worker = compose["services"]["worker"]
+    assert worker["command"] == ["prefero", "worker"]
+    assert worker["depends_on"]["app"]["condition"] == "service_healthy"
+    assert (
+        worker["environment"]["PREFERO_DATABASE_URL"]
+        == (compose["services"]["app"]["environment"]["PREFERO_DATABASE_URL"])
+    )

@@ -27,6 +27,10 @@ EXPECTED_ACCESS = {
     ("GET", "/api/v1/users/{username}/tokens"): ADMIN,
     ("POST", "/api/v1/users/{username}/tokens"): ADMIN,
     ("DELETE", "/api/v1/tokens/{token_id}"): ADMIN,
+    ("POST", "/api/v1/projects/{slug}/generate"): ADMIN,
+    ("GET", "/api/v1/projects/{slug}/jobs"): ADMIN,
+    ("GET", "/api/v1/jobs/{job_id}"): ADMIN,
+    ("POST", "/api/v1/jobs/{job_id}/cancel"): ADMIN,
 }
 
 
@@ -57,6 +61,7 @@ def test_access(client, session, method, path):
             "prompt_id": str(prompt.id),
             "username": annotator.username,
             "token_id": "1",
+            "job_id": "1",
         }[m.group(1)],
         path,
     )

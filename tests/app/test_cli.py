@@ -131,3 +131,42 @@ def test_console_script(tmp_path):
         [str(bin_dir / "prefero-train"), "--help"], capture_output=True, text=True, check=True
     )
     assert "prefero-train" in trainer.stdout
+
+
+def test_generate_runs_in_the_foreground_without_a_worker(cli_env, tmp_path):
+    from tests.tiny_models import build_tiny_chat_model
+
+    model = build_tiny_chat_model(tmp_path / "tiny")
+    run("db", "upgrade")
+    run("projects", "create", "--slug", "g", "--name", "G", "--k", "2")
+    data = tmp_path / "p.jsonl"
+    data.write_text(
+        "".join(json.dumps({"id": str(i), "prompt": f"hi {i}"}) + "\n" for i in range(3))
+    )
+    run("import", str(data), "--project", "g")
+    out = run(
+        "generate",
+        "--project",
+        "g",
+        "--model",
+        str(model),
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0.5",
+        "--temperature",
+        "1.0",
+    ).stdout
+    assert "job 1 succeeded" in out
+    assert (
+        scalar(cli_env, "SELECT count(*) FROM completion")
+        + scalar(cli_env, "SELECT duplicates_dropped FROM generation_job")
+        == 6
+    )
+    assert scalar(cli_env, "SELECT count(DISTINCT model) FROM completion") == 1
+    detached = run("generate", "--project", "g", "--detach").stdout
+    assert detached.startswith("job 2:")
+    assert scalar(cli_env, "SELECT count(*) FROM generation_job WHERE status = 'queued'") == 1
+    failed = run("generate", "--project", "g", "--model", str(tmp_path / "missing"), code=1)
+    assert "failed" in failed.stdout
+    assert "cannot load model" in failed.stdout
