@@ -35,7 +35,7 @@ from app.services.generation import NewCompletion, normalise_text
 
 log = logging.getLogger("prefero.worker")
 
-BATCH_PROMPTS = 8
+BATCH_PROMPTS = 16
 DEDUP_RETRIES = 2
 HEARTBEAT_S = 10.0
 

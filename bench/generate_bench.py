@@ -172,7 +172,7 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=32, help="number of prompts (max 32)")
     parser.add_argument("--k", type=int, default=4, help="completions per prompt")
     parser.add_argument("--new-tokens", type=int, default=64, help="max new tokens")
-    parser.add_argument("--batch-size", type=int, default=16, help="prefero's batch size")
+    parser.add_argument("--batch-size", type=int, default=32, help="prefero's batch size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--data-dir",

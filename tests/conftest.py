@@ -16,6 +16,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import sqlalchemy as sa
@@ -38,10 +39,15 @@ def pg_server_url() -> str:
     return os.environ.get("PREFERO_TEST_DATABASE_URL", PG_DEFAULT)
 
 
-def pg_unavailable(reason: str) -> None:
+def unavailable(what: str, reason: str) -> NoReturn:
+    """Skip a test whose requirement is missing locally; with PREFERO_CI=1 fail instead."""
     if IN_CI:
-        pytest.fail(f"PostgreSQL is required in CI (PREFERO_CI=1): {reason}")
-    pytest.skip(f"PostgreSQL not available: {reason}")
+        pytest.fail(f"{what} is required in CI (PREFERO_CI=1): {reason}")
+    pytest.skip(f"{what} not available: {reason}")  # only when PREFERO_CI is unset
+
+
+def pg_unavailable(reason: str) -> NoReturn:
+    unavailable("PostgreSQL", reason)
 
 
 def create_database(kind: str, tmp_dir: Path) -> tuple[str, object]:

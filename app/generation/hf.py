@@ -53,7 +53,7 @@ class TransformersBackend:
         *,
         cache_dir: str | Path,
         threads: int = 0,
-        batch_size: int = 16,
+        batch_size: int = 32,
         device: str | None = None,
     ) -> None:
         if batch_size < 1:

