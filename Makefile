@@ -37,6 +37,7 @@ migrate: install
 
 demo: install migrate
 	$(VENV)/bin/prefero seed-demo
+	$(VENV)/bin/prefero models prepare
 	@echo "Serving on http://$(HOST):$(PORT)  (API docs: http://$(HOST):$(PORT)/docs)"
 	@echo "A generation worker writes the demo completions in the background."
 	$(VENV)/bin/prefero worker & worker=$$!; \

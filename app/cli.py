@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import ROOT, Settings, get_settings
 from app.db import engine_from_settings, make_session_factory
 from app.errors import DomainError, ImportRejected
-from app.generation.base import BUILTIN_MODEL
+from app.generation.base import BUILTIN_MODEL, BackendError
 from app.models import GenerationJob, Role
 from app.schemas import GenerationParams, JobCreate, ProjectCreate
 from app.services import generation, imports, projects, users
@@ -48,6 +48,8 @@ cli.add_typer(db_cli, name="db")
 cli.add_typer(users_cli, name="users")
 cli.add_typer(tokens_cli, name="tokens")
 cli.add_typer(projects_cli, name="projects")
+models_cli = typer.Typer(help="Local generation models.", no_args_is_help=True)
+cli.add_typer(models_cli, name="models")
 
 DEMO_DATA = ROOT / "app" / "demo" / "prompts.jsonl"
 
@@ -182,6 +184,20 @@ def projects_create(
         )
 
 
+@models_cli.command("prepare")
+def models_prepare() -> None:
+    """Convert the built-in model to its cached safetensors copy now (about 20 s, once), so
+    that the first generation job starts at once."""
+    from app.generation.builtin import builtin_model_dir  # loads torch: CLI only
+
+    try:
+        path = builtin_model_dir(get_settings().data_dir / "models")
+    except BackendError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{BUILTIN_MODEL} ready in {path}")
+
+
 @cli.command("import")
 def import_file(
     file: Annotated[str, typer.Argument(help="JSONL / JSON array / HH-RLHF file, '-' for stdin.")],
@@ -314,7 +330,7 @@ def _run_here(
 DEMO_GENERATION = JobCreate(
     model=BUILTIN_MODEL,
     k=4,
-    params=GenerationParams(temperature=[0.3, 0.7, 1.0, 1.2], max_new_tokens=160),
+    params=GenerationParams(temperature=[0.3, 0.7, 1.0, 1.2], max_new_tokens=128),
 )
 
 

@@ -149,7 +149,7 @@ class JobRun:
         done = job.done
         if self.progress:
             self.progress(done, job.total)
-        limit = min(2, self.batch_prompts)  # a small first batch: the first tasks come sooner
+        limit = 1  # a first batch of one prompt: the first task is ready sooner
         while not (self._lost.is_set() or self.stop.is_set()):
             with self.factory() as s:
                 prompts = jobs.next_prompts(s, job=job, cursor=cursor, limit=limit)

@@ -2,10 +2,12 @@
 
 Imported only by :func:`app.generation.load_backend`, i.e. in the worker, never in the web app.
 
-Requests are grouped by their sampling settings (temperature, top_p, max_new_tokens), sorted by
-prompt length within a group so that little padding is needed, and generated in batches with
-left padding, an attention mask and the KV cache. Each batch is seeded with the seed of its
-first request, which is the seed recorded for every completion of that batch.
+Requests are grouped by ``max_new_tokens``, sorted by prompt length within a group so that
+little padding is needed, and generated in batches with left padding, an attention mask and the
+KV cache. Rows of one batch may have different temperatures and top-p values (the K slots of a
+prompt usually do): :class:`RowSampling` applies each row's own settings, so the K completions
+of a prompt are generated together instead of in K passes. Each batch is seeded with the seed of
+its first request, which is the seed recorded for every completion of that batch.
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch  # noqa: TID251 - worker only, loaded through load_backend
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
 
 from app.generation.base import (
     BUILTIN_MODEL,
@@ -40,6 +48,34 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError | MemoryError):
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+class RowSampling(LogitsProcessor):
+    """Per-row temperature and nucleus (top-p) filtering, as transformers' temperature and
+    top-p warpers do for a whole batch; a temperature of 0 makes that row greedy."""
+
+    def __init__(self, temperatures: list[float], top_ps: list[float]) -> None:
+        t = torch.tensor(temperatures, dtype=torch.float32)
+        self.greedy = t <= 0
+        self.temperatures = torch.where(self.greedy, torch.ones_like(t), t)[:, None]
+        self.top_ps = torch.tensor(top_ps, dtype=torch.float32)[:, None]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        device = scores.device
+        scores = scores / self.temperatures.to(device)
+        # Nucleus: drop the lowest-probability tokens whose mass is at most 1 - top_p.
+        sorted_scores, order = torch.sort(scores, descending=False)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative <= (1 - self.top_ps.to(device))
+        drop_sorted[:, -1] = False  # always keep the most likely token
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+        greedy = self.greedy.to(device)
+        if bool(greedy.any()):
+            best = torch.full_like(scores, float("-inf"))
+            best.scatter_(1, scores.argmax(dim=-1, keepdim=True), 0.0)
+            scores = torch.where(greedy[:, None], best, scores)
+        return scores
 
 
 class TransformersBackend:
@@ -175,10 +211,9 @@ class TransformersBackend:
                 )
                 del rendered[i]
 
-        groups: dict[tuple[float, float, int], list[int]] = {}
+        groups: dict[int, list[int]] = {}
         for i in rendered:
-            s = requests[i].sampling
-            groups.setdefault((s.temperature, s.top_p, s.max_new_tokens), []).append(i)
+            groups.setdefault(requests[i].sampling.max_new_tokens, []).append(i)
         for indices in groups.values():
             indices.sort(key=lambda i: (len(rendered[i][1]), i))
             for start in range(0, len(indices), self.batch_size):
@@ -206,7 +241,19 @@ class TransformersBackend:
             input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, width - len(ids) :] = 1
         kwargs: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens, "num_beams": 1}
-        if sampling.temperature > 0:
+        settings = {(requests[i].sampling.temperature, requests[i].sampling.top_p) for i in batch}
+        if len(settings) > 1:  # rows sample differently: one processor applies each row's own
+            rows = [requests[i].sampling for i in batch]
+            kwargs.update(
+                do_sample=True,
+                temperature=1.0,
+                top_p=1.0,
+                top_k=0,
+                logits_processor=LogitsProcessorList(
+                    [RowSampling([r.temperature for r in rows], [r.top_p for r in rows])]
+                ),
+            )
+        elif sampling.temperature > 0:
             kwargs.update(
                 do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0
             )
@@ -239,7 +286,7 @@ class TransformersBackend:
             else:
                 finish, count = "stop", stop + 1  # the stop token was generated too
             text = self.tokenizer.decode(tokens[:count], skip_special_tokens=True).strip()
-            params = self._params(sampling, seed)
+            params = self._params(requests[i].sampling, seed)
             params.update(finish_reason=finish, new_tokens=count)
             results.append(
                 GenerationResult(

@@ -201,20 +201,12 @@ def test_mixed_samplings_are_grouped(
         assert (res.params["temperature"], res.params["top_p"]) == (s.temperature, s.top_p)
         assert res.params["max_new_tokens"] == s.max_new_tokens
         assert 1 <= res.params["new_tokens"] <= s.max_new_tokens
-    # Each batch has one sampling setting (the seed aside) and at most batch_size requests;
-    # 4 distinct settings x 7 prompts (14 for the shared one) in batches of 3.
+    # Batches are grouped by max_new_tokens only (rows may sample differently) and hold at most
+    # batch_size requests: 4 settings x 7 prompts with 5 new tokens, 7 with 8, in batches of 3.
     for batch in batches:
         assert len(batch) <= 3
-        assert (
-            len(
-                {
-                    (r.sampling.temperature, r.sampling.top_p, r.sampling.max_new_tokens)
-                    for r in batch
-                }
-            )
-            == 1
-        )
-    assert len(batches) == 3 + 5 + 3 + 3
+        assert len({r.sampling.max_new_tokens for r in batch}) == 1
+    assert len(batches) == 10 + 3
     assert sum(len(b) for b in batches) == len(reqs)
     # The recorded seed is the one the batch was seeded with: its first request's seed.
     by_key = {r.key: r for r in results}
@@ -461,3 +453,50 @@ def test_builtin_model_generates_real_text(tmp_path: Path) -> None:
         assert "<|im_start|>assistant\n" in res.input_text
         assert res.input_text.endswith("<|im_start|>assistant\n")
     assert "paris" in results[0].text.lower()
+
+
+# --------------------------------------------------------------------- per-row sampling
+
+
+def test_row_sampling_matches_the_transformers_warpers_row_by_row() -> None:
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from app.generation.hf import RowSampling
+
+    torch.manual_seed(0)
+    scores = torch.randn(3, 50)
+    ids = torch.zeros((3, 1), dtype=torch.long)
+    rows = [(0.7, 0.9), (1.3, 0.5), (1.0, 1.0)]
+    mixed = RowSampling([t for t, _ in rows], [p for _, p in rows])(ids, scores.clone())
+    for r, (t, p) in enumerate(rows):
+        one = TemperatureLogitsWarper(t)(ids[r : r + 1], scores[r : r + 1].clone())
+        one = TopPLogitsWarper(p)(ids[r : r + 1], one)
+        assert torch.equal(torch.isinf(mixed[r]), torch.isinf(one[0]))
+        kept = ~torch.isinf(one[0])
+        assert torch.allclose(mixed[r][kept], one[0][kept])
+
+
+def test_row_sampling_greedy_rows_keep_only_the_best_token() -> None:
+    from app.generation.hf import RowSampling
+
+    scores = torch.tensor([[0.1, 2.0, 1.0], [0.1, 2.0, 1.0]])
+    out = RowSampling([0.0, 1.0], [1.0, 1.0])(torch.zeros((2, 1), dtype=torch.long), scores)
+    assert out[0].tolist() == [float("-inf"), 0.0, float("-inf")]
+    assert torch.allclose(out[1], scores[1])
+
+
+def test_a_greedy_row_in_a_mixed_batch_equals_greedy_alone(
+    backend: TransformersBackend,
+) -> None:
+    sampled = Sampling(temperature=1.2, top_p=0.9, max_new_tokens=12, seed=3)
+    mixed = [
+        GenerationRequest(key=("g", i), messages=user(p), sampling=GREEDY)
+        for i, p in enumerate(PROMPTS[:3])
+    ] + [
+        GenerationRequest(key=("s", i), messages=user(p), sampling=sampled)
+        for i, p in enumerate(PROMPTS[:3])
+    ]
+    together = backend.generate(mixed)
+    alone = backend.generate(mixed[:3])
+    assert [r.text for r in together[:3]] == [r.text for r in alone]
+    assert [r.params["temperature"] for r in together] == [0.0] * 3 + [1.2] * 3

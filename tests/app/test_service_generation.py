@@ -114,7 +114,7 @@ def test_job_generates_k_per_prompt_and_records_everything(factory):
     assert first.params["temperature"] == 0.3
     assert first.params["seed"] == 7
     assert '"Be brief."' in first.input_text
-    assert [len(c) for c in fake.calls] == [4, 2]  # batches of 2 prompts × K=2
+    assert [len(c) for c in fake.calls] == [2, 4]  # 1 prompt first, then batches of 2 (× K=2)
     assert fake.closed
 
 
