@@ -14,9 +14,9 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from app.db import insert_skipping_duplicates
 from app.errors import Conflict, InvalidInput, NotFound
 from app.models import Completion, GenerationJob, JobStatus, Project, Prompt, Worker, utcnow
 from app.schemas import JobCreate
@@ -315,8 +315,6 @@ def save_batch(
     created = 0
     if completions:
         table = Completion.__table__
-        dialect = session.get_bind().dialect.name
-        insert = (postgresql if dialect == "postgresql" else sqlite).insert(table)
         now = utcnow()
         rows = [
             {
@@ -332,8 +330,8 @@ def save_batch(
             }
             for c in completions
         ]
-        stmt = insert.on_conflict_do_nothing(
-            index_elements=[table.c.prompt_id, table.c.external_id]
+        stmt = insert_skipping_duplicates(
+            session, table, table.c.prompt_id, table.c.external_id
         ).returning(table.c.id)
         created = len(session.execute(stmt, rows).all())
     job.cursor = cursor

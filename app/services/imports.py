@@ -20,10 +20,10 @@ from typing import IO, Any
 import orjson
 import psycopg
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from app.db import insert_skipping_duplicates
 from app.errors import ImportRejected, RecordError
 from app.importer import PromptIn, open_source, parse_records
 from app.models import Completion, Prompt, utcnow
@@ -33,11 +33,6 @@ from app.services.transactions import write_transaction
 
 MAX_ERRORS = 100
 BATCH_RECORDS = 1000
-
-
-def _insert(session: Session, table: Any) -> Any:
-    dialect = session.get_bind().dialect.name
-    return (postgresql if dialect == "postgresql" else sqlite).insert(table)
 
 
 def import_prompts(
@@ -168,11 +163,9 @@ class _BatchWriter:
     def _insert_prompts(self, new: dict[str, PromptIn]) -> list[Any]:
         """Insert the prompts not yet seen; return ``(id, external_id)`` of those created."""
         table = Prompt.__table__
-        stmt = (
-            _insert(self.session, table)
-            .on_conflict_do_nothing(index_elements=[table.c.project_id, table.c.external_id])
-            .returning(table.c.id, table.c.external_id)
-        )
+        stmt = insert_skipping_duplicates(
+            self.session, table, table.c.project_id, table.c.external_id
+        ).returning(table.c.id, table.c.external_id)
         project_id, now = self.project_id, self.now
         rows = [
             {
@@ -189,11 +182,9 @@ class _BatchWriter:
     def _insert_completions(self, batch: list[PromptIn]) -> int:
         """Insert the batch's completions, skipping existing ones; return how many were new."""
         table = Completion.__table__
-        stmt = (
-            _insert(self.session, table)
-            .on_conflict_do_nothing(index_elements=[table.c.prompt_id, table.c.external_id])
-            .returning(table.c.id)
-        )
+        stmt = insert_skipping_duplicates(
+            self.session, table, table.c.prompt_id, table.c.external_id
+        ).returning(table.c.id)
         known, now = self.known, self.now
         rows = [
             {
