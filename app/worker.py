@@ -113,7 +113,9 @@ class JobRun:
         failure: str | None = None
         try:
             for model in dict.fromkeys(job.models):
-                backends[model] = self.load(job.backend, model)
+                backends[model] = backend = self.load(job.backend, model)
+                if hasattr(backend, "stop_event"):  # lets shutdown cut a long batch short
+                    backend.stop_event = self.stop
             self._generate_all(ctx, backends)
         except BackendError as e:
             failure = str(e)
@@ -157,6 +159,8 @@ class JobRun:
             if not prompts:
                 return
             completions, dropped, errors = self._generate_batch(ctx, prompts, samplings, backends)
+            if self.stop.is_set():  # shutting down: the batch may be cut short, do not save it
+                return
             cursor = prompts[-1].id
             with self.factory() as s:
                 saved = jobs.save_batch(

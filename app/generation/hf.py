@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from transformers import (
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
 )
 
 from app.generation.base import (
@@ -78,10 +81,23 @@ class RowSampling(LogitsProcessor):
         return scores
 
 
+class _StopWhenSet(StoppingCriteria):
+    """Ends every row of the batch at the next step once ``event`` is set (worker shutdown)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: Any) -> Any:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), device=input_ids.device)
+
+
 class TransformersBackend:
     """A causal LM loaded once, generating batched completions for chat conversations."""
 
     backend = "transformers"
+    stop_event: threading.Event | None = None
+    """When set during ``generate``, the batch ends at the next token: the worker is shutting
+    down and will not save the (truncated) results."""
 
     def __init__(
         self,
@@ -241,6 +257,8 @@ class TransformersBackend:
             input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, width - len(ids) :] = 1
         kwargs: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens, "num_beams": 1}
+        if self.stop_event is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopWhenSet(self.stop_event)])
         settings = {(requests[i].sampling.temperature, requests[i].sampling.top_p) for i in batch}
         if len(settings) > 1:  # rows sample differently: one processor applies each row's own
             rows = [requests[i].sampling for i in batch]

@@ -500,3 +500,16 @@ def test_a_greedy_row_in_a_mixed_batch_equals_greedy_alone(
     alone = backend.generate(mixed[:3])
     assert [r.text for r in together[:3]] == [r.text for r in alone]
     assert [r.params["temperature"] for r in together] == [0.0] * 3 + [1.2] * 3
+
+
+def test_a_set_stop_event_cuts_the_batch_short(backend: TransformersBackend) -> None:
+    import threading
+
+    long = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=200, seed=1)
+    backend.stop_event = threading.Event()
+    backend.stop_event.set()
+    try:
+        results = backend.generate(requests_for(PROMPTS[:2], long))
+    finally:
+        backend.stop_event = None
+    assert all(r.params["new_tokens"] <= 1 for r in results)

@@ -118,3 +118,29 @@ def test_killed_worker_resumes_without_duplicates(setup):
     assert n == job.completions_created
     assert n + job.duplicates_dropped == 2 * PROMPTS
     assert per_prompt <= {1, 2}
+
+
+def test_sigterm_hands_the_job_back_quickly_and_writes_no_partial_batch(setup):
+    factory, job_id, env = setup
+    proc = start_worker(env)
+    deadline = time.monotonic() + 120
+    try:
+        while job_state(factory, job_id)[1] == 0:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "worker made no progress"
+            time.sleep(0.02)
+        stopped_at = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        assert time.monotonic() - stopped_at < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0
+    with factory() as s:
+        job = s.get(GenerationJob, job_id)
+        assert job.status == JobStatus.queued  # handed back, not left running
+        assert job.worker is None
+        n = s.scalar(select(func.count()).select_from(Completion))
+        assert 0 < job.done < PROMPTS
+        assert n + job.duplicates_dropped == 2 * job.done  # whole batches only
