@@ -322,7 +322,13 @@ def _run_here(
     with factory() as s:
         claimed = generation.claim_job(s, worker=name, job_id=job_id)
     if claimed is not None:
-        JobRun(factory, job_id, name, backend_loader(settings), progress=progress).run()
+        try:
+            JobRun(factory, job_id, name, backend_loader(settings), progress=progress).run()
+        except KeyboardInterrupt:  # Ctrl-C: give the job back (saved batches stay) and stop
+            with factory() as s:
+                generation.release_job(s, job_id=job_id, worker=name)
+            typer.echo(f"\ninterrupted: job {job_id} is queued again for `prefero worker`")
+            raise typer.Exit(130) from None
     with factory() as s:
         return generation.get_job(s, job_id=job_id)
 
