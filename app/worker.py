@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -288,9 +289,12 @@ def run_worker(
         jobs.register_worker(s, name=name)
     log.info("worker %s started (%d jobs of dead workers requeued)", name, requeued)
     try:
+        last_beat = time.monotonic()
         while not stop.is_set():
             with factory() as s:
-                jobs.worker_heartbeat(s, name=name)
+                if time.monotonic() - last_beat >= HEARTBEAT_S:
+                    jobs.worker_heartbeat(s, name=name)
+                    last_beat = time.monotonic()
                 job = jobs.claim_job(s, worker=name)
             if job is None:
                 if once:

@@ -206,9 +206,9 @@ def claim_job(session: Session, *, worker: str, job_id: int | None = None) -> Ge
     """Take the oldest queued job (or a running one whose worker died), or ``job_id``.
 
     PostgreSQL: ``FOR UPDATE SKIP LOCKED`` so workers never wait on each other; SQLite: the
-    write lock taken by ``BEGIN IMMEDIATE`` serialises claims.
+    write lock taken by ``BEGIN IMMEDIATE`` serialises claims. An idle worker polls with a
+    plain read and takes no lock when there is nothing to claim.
     """
-    write_transaction(session)
     now = utcnow()
     claimable = or_(
         GenerationJob.status == JobStatus.queued,
@@ -218,6 +218,13 @@ def claim_job(session: Session, *, worker: str, job_id: int | None = None) -> Ge
     query = select(GenerationJob).where(claimable, GenerationJob.cancel_requested.is_(False))
     if job_id is not None:
         query = query.where(GenerationJob.id == job_id)
+    if (
+        session.scalar(select(query.with_only_columns(GenerationJob.id).limit(1).exists()))
+        is not True
+    ):
+        session.rollback()
+        return None
+    write_transaction(session)
     job = session.scalar(
         query.order_by(GenerationJob.id).limit(1).with_for_update(skip_locked=True)
     )
