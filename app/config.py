@@ -51,6 +51,19 @@ class Settings(BaseSettings):
         description="PostgreSQL statement timeout for request work, in milliseconds (0 = none).",
     )
 
+    session_max_age_s: int = Field(
+        default=7 * 24 * 3600, description="Lifetime of a browser login session, in seconds."
+    )
+    session_cookie_secure: bool = Field(
+        default=False,
+        description="Send the session cookie with the Secure flag (set true behind HTTPS).",
+    )
+    login_max_failures: int = Field(
+        default=10,
+        description="Failed logins allowed per minute per username and per client IP; "
+        "further attempts get 429.",
+    )
+
     generation_threads: int = Field(
         default=0, description="CPU threads for local generation (0 = all cores)."
     )

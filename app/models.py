@@ -82,6 +82,14 @@ class AnnotationStatus(enum.StrEnum):
     skipped = "skipped"
 
 
+class LeaseStatus(enum.StrEnum):
+    open = "open"
+    """Held by its annotator; live until ``expires_at``, then reclaimed by the next request."""
+    submitted = "submitted"
+    skipped = "skipped"
+    expired = "expired"
+
+
 def _enum(cls: type[enum.Enum], name: str) -> Enum:
     return Enum(
         cls,
@@ -146,6 +154,22 @@ class Project(Base):
     """Sent to the model before each prompt when generating (not shown to annotators)."""
     instruction_template: Mapped[str] = mapped_column(Text, default="", server_default="")
     """Wraps the last user message for generation; ``{prompt}`` marks where it goes."""
+    members_only: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=text("false")
+    )
+    """Only users in ``project_member`` may label (otherwise every active user may)."""
+    created_at: Mapped[datetime] = mapped_column(Timestamp(), default=utcnow)
+
+
+class ProjectMember(Base):
+    __tablename__ = "project_member"
+
+    project_id: Mapped[int] = mapped_column(
+        ForeignKey("project.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("user.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
     created_at: Mapped[datetime] = mapped_column(Timestamp(), default=utcnow)
 
 
@@ -154,6 +178,10 @@ class Prompt(Base):
     __table_args__ = (
         UniqueConstraint("project_id", "external_id"),
         Index(None, "project_id", "id"),  # keyset pagination and export by project
+        # The task queue: prompts with most annotations first, below the overlap.
+        Index("ix_prompt_queue", "project_id", "annotation_count", "id"),
+        CheckConstraint("annotation_count >= 0", name="annotation_count_nonnegative"),
+        CheckConstraint("open_leases >= 0", name="open_leases_nonnegative"),
     )
 
     id: Mapped[int] = mapped_column(IdType, primary_key=True)
@@ -161,6 +189,10 @@ class Prompt(Base):
     external_id: Mapped[str] = mapped_column(String(200))
     messages: Mapped[list[Any]] = mapped_column(JSONType)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
+    annotation_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Submitted annotations (first revisions), kept by the task service."""
+    open_leases: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Leases in status ``open`` (live, or expired and not yet reclaimed)."""
     created_at: Mapped[datetime] = mapped_column(Timestamp(), default=utcnow)
 
     completions: Mapped[list[Completion]] = relationship(
@@ -244,20 +276,59 @@ class Worker(Base):
 
 
 class Lease(Base):
-    """A prompt handed to one annotator until ``expires_at``, with the order it was shown in."""
+    """A prompt handed to one annotator until ``expires_at``, with the order it was shown in.
+
+    ``prompt.annotation_count + prompt.open_leases <= project.overlap`` is kept by the task
+    service under a row lock on the prompt; an annotator has at most one lease per prompt.
+    """
 
     __tablename__ = "lease"
     __table_args__ = (
-        Index(None, "prompt_id", "expires_at"),
-        Index(None, "user_id", "expires_at"),
+        UniqueConstraint("user_id", "prompt_id"),
+        Index(None, "status", "expires_at"),
+        Index(None, "user_id", "project_id", "status"),
     )
 
     id: Mapped[int] = mapped_column(IdType, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"))
     prompt_id: Mapped[int] = mapped_column(ForeignKey("prompt.id", ondelete="CASCADE"))
     user_id: Mapped[int] = mapped_column(ForeignKey("user.id", ondelete="CASCADE"))
+    status: Mapped[LeaseStatus] = mapped_column(
+        _enum(LeaseStatus, "lease_status"), default=LeaseStatus.open
+    )
     display_order: Mapped[list[Any]] = mapped_column(JSONType)
+    """Completion ids in the order they were shown (labels A, B, C, … in this order)."""
     created_at: Mapped[datetime] = mapped_column(Timestamp(), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(Timestamp())
+    closed_at: Mapped[datetime | None] = mapped_column(Timestamp())
+
+
+class WebSession(Base):
+    """A browser login. The cookie holds a random secret; only its SHA-256 is stored."""
+
+    __tablename__ = "web_session"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("user.id", ondelete="CASCADE"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(Timestamp(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(Timestamp(), index=True)
+
+
+class LoginFailure(Base):
+    """A failed login, kept for the rate limit (failures per minute per username and per IP)."""
+
+    __tablename__ = "login_failure"
+    __table_args__ = (
+        Index(None, "username", "created_at"),
+        Index(None, "ip", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True)
+    username: Mapped[str] = mapped_column(String(200))
+    ip: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(Timestamp(), default=utcnow)
 
 
 class Annotation(Base):
@@ -296,4 +367,8 @@ class Annotation(Base):
     display_order: Mapped[list[Any]] = mapped_column(JSONType, default=list)
     duration_ms: Mapped[int | None] = mapped_column(Integer)
     skip_reason: Mapped[str | None] = mapped_column(Text)
+    strength: Mapped[int | None] = mapped_column(Integer)
+    """Pairwise tasks (K = 2): 1 = slightly better, 2 = much better (null: not asked)."""
+    both_bad: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    """Pairwise tasks: the annotator judged both completions bad (stored as a tie)."""
     created_at: Mapped[datetime] = mapped_column(Timestamp(), default=utcnow)
