@@ -154,6 +154,30 @@ def tokens_create(
         typer.echo(secret)
 
 
+@projects_cli.command("add-member")
+def projects_add_member(
+    slug: str, usernames: Annotated[list[str], typer.Argument(help="One or more usernames.")]
+) -> None:
+    """Let users label a members-only project (`--members-only` on the project)."""
+    from app.services import members
+
+    with _session() as s:
+        now = members.add_members(s, slug=slug, usernames=usernames)
+    typer.echo(f"{slug}: {len(now)} member(s): {', '.join(now)}")
+
+
+@projects_cli.command("remove-member")
+def projects_remove_member(
+    slug: str, usernames: Annotated[list[str], typer.Argument(help="One or more usernames.")]
+) -> None:
+    """Take users off a project's member list."""
+    from app.services import members
+
+    with _session() as s:
+        now = members.remove_members(s, slug=slug, usernames=usernames)
+    typer.echo(f"{slug}: {len(now)} member(s): {', '.join(now)}")
+
+
 @projects_cli.command("create")
 def projects_create(
     slug: Annotated[str, typer.Option(help="URL name, e.g. helpful-v1.")],
@@ -163,6 +187,9 @@ def projects_create(
     guidelines: Annotated[
         Path | None, typer.Option(help="Markdown file with labeling guidelines.")
     ] = None,
+    members_only: Annotated[
+        bool, typer.Option(help="Only members (`projects add-member`) may label.")
+    ] = False,
 ) -> None:
     """Create a labeling project."""
     try:
@@ -172,6 +199,7 @@ def projects_create(
             completions_per_task=k,
             overlap=overlap,
             guidelines=guidelines.read_text() if guidelines else "",
+            members_only=members_only,
         )
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.errors import Forbidden, Unauthenticated
 from app.models import Role, User
+from app.services.auth_sessions import WebLogin, authenticate_session
 from app.services.users import authenticate_token
+
+WEB_SESSION_COOKIE = "prefero_session"
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -33,13 +39,42 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 _bearer = HTTPBearer(auto_error=False, description="An API token: `prefero tokens create USER`.")
 
 
+_cookie = APIKeyCookie(
+    name=WEB_SESSION_COOKIE,
+    auto_error=False,
+    description="The browser session set by /login; unsafe methods also need the "
+    f"`{CSRF_HEADER}` header (the page's csrf-token meta tag).",
+)
+
+
 def current_user(
+    request: Request,
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    cookie: Annotated[str | None, Depends(_cookie)],
 ) -> User:
-    if credentials is None:
-        raise Unauthenticated("authentication required: send 'Authorization: Bearer <token>'")
-    return authenticate_token(session, secret=credentials.credentials)
+    """The caller: by bearer token, else by session cookie (with a CSRF check on writes)."""
+    if credentials is not None:
+        return authenticate_token(session, secret=credentials.credentials)
+    if cookie:
+        login = authenticate_session(session, token=cookie)
+        if request.method not in SAFE_METHODS:
+            sent = request.headers.get(CSRF_HEADER, "")
+            if not hmac.compare_digest(sent.encode(), login.session.csrf_token.encode()):
+                raise Forbidden(f"missing or wrong {CSRF_HEADER} header")
+        return login.user
+    raise Unauthenticated("authentication required: send 'Authorization: Bearer <token>'")
+
+
+def optional_web_login(request: Request, session: SessionDep) -> WebLogin | None:
+    """The browser login of a page request, or None (the page redirects to /login)."""
+    cookie = request.cookies.get(WEB_SESSION_COOKIE)
+    if not cookie:
+        return None
+    try:
+        return authenticate_session(session, token=cookie)
+    except Unauthenticated:
+        return None
 
 
 def admin_user(user: Annotated[User, Depends(current_user)]) -> User:
@@ -49,4 +84,5 @@ def admin_user(user: Annotated[User, Depends(current_user)]) -> User:
 
 
 CurrentUser = Annotated[User, Depends(current_user)]
+OptionalWebUser = Annotated[WebLogin | None, Depends(optional_web_login)]
 AdminUser = Annotated[User, Depends(admin_user)]

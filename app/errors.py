@@ -43,6 +43,14 @@ class Forbidden(DomainError):
     status = 403
 
 
+class TooManyRequests(DomainError):
+    status = 429
+
+    def __init__(self, message: str, *, retry_after: int = 60) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class PayloadTooLarge(DomainError):
     status = 413
 

@@ -17,8 +17,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from app import __version__
 from app.config import Settings, get_settings
 from app.db import engine_from_settings, make_session_factory
-from app.errors import DomainError
-from app.routes import api_generation, api_projects, api_prompts, api_users, health
+from app.errors import DomainError, TooManyRequests
+from app.routes import api_generation, api_projects, api_prompts, api_tasks, api_users, health
 
 log = logging.getLogger("prefero")
 
@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
 
-    for module in (health, api_projects, api_prompts, api_generation, api_users):
+    for module in (health, api_projects, api_prompts, api_generation, api_users, api_tasks):
         app.include_router(module.router)
     _install_error_handlers(app)
     return app
@@ -55,6 +55,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def domain_error(_: Request, exc: DomainError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        if isinstance(exc, TooManyRequests):
+            headers = {"Retry-After": str(exc.retry_after)}
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)

@@ -154,9 +154,7 @@ class Project(Base):
     """Sent to the model before each prompt when generating (not shown to annotators)."""
     instruction_template: Mapped[str] = mapped_column(Text, default="", server_default="")
     """Wraps the last user message for generation; ``{prompt}`` marks where it goes."""
-    members_only: Mapped[bool] = mapped_column(
-        Boolean, default=False, server_default=text("false")
-    )
+    members_only: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     """Only users in ``project_member`` may label (otherwise every active user may)."""
     created_at: Mapped[datetime] = mapped_column(Timestamp(), default=utcnow)
 

@@ -85,6 +85,9 @@ class ProjectSettings(_Strict):
 
 
 class ProjectCreate(ProjectSettings):
+    members_only: bool = Field(
+        False, description="Only members (POST /projects/{slug}/members) may label."
+    )
     name: Text = Field(min_length=1, max_length=200)
     slug: Slug
 
@@ -101,6 +104,7 @@ class ProjectUpdate(_Strict):
     lease_seconds: int | None = Field(None, ge=30, le=86_400)
     system_prompt: Text | None = Field(None, max_length=20_000)
     instruction_template: Text | None = Field(None, max_length=20_000)
+    members_only: bool | None = None
 
     @field_validator("flags")
     @classmethod
@@ -122,6 +126,7 @@ class ProjectRead(_Orm):
     lease_seconds: int
     system_prompt: str
     instruction_template: str
+    members_only: bool
     created_at: datetime
 
 
@@ -162,6 +167,8 @@ class AnnotationRead(_Orm):
     display_order: list[int]
     duration_ms: int | None
     skip_reason: str | None
+    strength: int | None
+    both_bad: bool
     created_at: datetime
 
 
@@ -300,3 +307,98 @@ class JobRead(_Orm):
     started_at: datetime | None
     heartbeat_at: datetime | None
     finished_at: datetime | None
+
+
+# --- labeling -------------------------------------------------------------------------------
+
+CompletionId = Annotated[int, Field(ge=1, le=MAX_ID)]
+
+
+class TaskCompletion(BaseModel):
+    id: int
+    label: str = Field(description="A, B, C, … in display order.")
+    text: str
+
+
+class TaskPrompt(BaseModel):
+    id: int
+    messages: list[Message]
+
+
+class Task(BaseModel):
+    lease_id: int
+    expires_at: datetime
+    prompt: TaskPrompt
+    completions: list[TaskCompletion] = Field(
+        description="In this lease's display order (random per lease, stored with it)."
+    )
+
+
+class SubmitAnnotation(_Strict):
+    ranking: list[list[CompletionId]] = Field(
+        min_length=1,
+        max_length=16,
+        description="Groups of completion ids, best first; a group of several ids is a tie.",
+    )
+    likert: dict[str, Annotated[int, Field(ge=1, le=7)]] = Field(
+        default_factory=dict, description="Completion id → 1–7 (when the project asks for it)."
+    )
+    flags: dict[str, list[Flag]] = Field(
+        default_factory=dict, description="Completion id → flags from the project's list."
+    )
+    rationale: Text = Field("", max_length=20_000)
+    duration_ms: int | None = Field(None, ge=0, le=7 * 24 * 3600 * 1000)
+    strength: Literal[1, 2] | None = Field(
+        None, description="Pairwise tasks (K = 2): 1 = slightly better, 2 = much better."
+    )
+    both_bad: bool = Field(
+        False, description="Pairwise tasks: both completions are bad (ranking must be a tie)."
+    )
+
+
+class SkipTask(_Strict):
+    reason: Text = Field("", max_length=2_000)
+    duration_ms: int | None = Field(None, ge=0, le=7 * 24 * 3600 * 1000)
+
+
+class AnnotationCreated(BaseModel):
+    annotation_id: int
+    lease_id: int
+
+
+class LeaseRead(BaseModel):
+    lease_id: int
+    expires_at: datetime
+
+
+class Members(_Strict):
+    usernames: list[Username] = Field(min_length=1, max_length=10_000)
+
+
+class ProjectProgress(BaseModel):
+    """A project as an annotator sees it on their home page."""
+
+    slug: str
+    name: str
+    prompt_count: int
+    complete_count: int = Field(description="Prompts with all the annotations they need.")
+    my_count: int = Field(description="Prompts this annotator has annotated or skipped.")
+    available: bool = Field(description="There is at least one task left for this annotator.")
+
+
+class LabelContext(BaseModel):
+    """What the labeling page needs besides the task itself."""
+
+    slug: str
+    name: str
+    guidelines: str
+    completions_per_task: int
+    allow_ties: bool
+    likert: bool
+    flags: list[str]
+    require_rationale: bool
+    lease_seconds: int
+    prompt_count: int
+    complete_count: int
+    my_count: int
+    pending_generation: int = Field(description="Prompts still waiting for their completions.")

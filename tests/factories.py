@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.models import (
@@ -106,6 +106,13 @@ def make_annotation(session: Session, prompt: Prompt, user: User, **overrides: A
     fields.update(overrides)
     annotation = Annotation(**fields)
     session.add(annotation)
+    if annotation.status == AnnotationStatus.submitted and fields.get("revision", 1) == 1:
+        # Keep the task-queue counter the task service maintains.
+        session.execute(
+            update(Prompt)
+            .where(Prompt.id == prompt.id)
+            .values(annotation_count=Prompt.annotation_count + 1)
+        )
     session.commit()
     return annotation
 

@@ -70,6 +70,20 @@ def test_full_admin_flow(cli_env, tmp_path):
     assert scalar(cli_env, "SELECT count(*) FROM prompt") == 2
 
 
+def test_members_only_project_and_members(cli_env):
+    run("db", "upgrade")
+    run("users", "create", "ann")
+    run("users", "create", "bob")
+    run("projects", "create", "--slug", "secret", "--name", "Secret", "--members-only")
+    assert "2 member(s): ann, bob" in run("projects", "add-member", "secret", "ann", "bob").stdout
+    run("projects", "add-member", "secret", "ann")  # already a member: no error
+    assert "1 member(s): bob" in run("projects", "remove-member", "secret", "ann").stdout
+    result = run("projects", "add-member", "secret", "nobody", code=1)
+    assert "nobody" in result.stderr
+    assert scalar(cli_env, "SELECT count(*) FROM project_member") == 1
+    assert scalar(cli_env, "SELECT count(*) FROM project WHERE members_only") == 1
+
+
 def test_bad_import_exits_1_with_line_numbers_and_writes_nothing(cli_env, tmp_path):
     run("db", "upgrade")
     run("projects", "create", "--slug", "p", "--name", "P")

@@ -1,0 +1,100 @@
+"""Labeling API: next task, submit / skip / extend a lease (any active user), project
+members (admin)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Response, status
+
+from app.deps import AdminUser, CurrentUser, SessionDep
+from app.schemas import (
+    MAX_ID,
+    AnnotationCreated,
+    LeaseRead,
+    Members,
+    SkipTask,
+    SubmitAnnotation,
+    Task,
+)
+from app.services import members, tasks
+
+router = APIRouter(prefix="/api/v1", tags=["labeling"])
+
+LeaseId = Annotated[int, Path(ge=1, le=MAX_ID)]
+
+
+@router.get(
+    "/projects/{slug}/tasks/next",
+    response_model=Task,
+    responses={204: {"description": "Nothing left for this annotator."}},
+)
+def next_task(
+    slug: str,
+    session: SessionDep,
+    user: CurrentUser,
+    exclude: Annotated[
+        list[int],
+        Query(max_length=20, description="Lease ids not to resume (e.g. the one on screen)."),
+    ] = [],  # noqa: B006 - FastAPI copies query defaults
+) -> Task | Response:
+    task = tasks.next_task(session, slug=slug, user=user, exclude=exclude)
+    return task if task is not None else Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+def _recorded(result: tasks.Recorded, response: Response) -> AnnotationCreated:
+    if result.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return AnnotationCreated(annotation_id=result.annotation_id, lease_id=result.lease_id)
+
+
+@router.post(
+    "/leases/{lease_id}/submit",
+    status_code=status.HTTP_201_CREATED,
+    response_model=AnnotationCreated,
+)
+def submit(
+    lease_id: LeaseId,
+    data: SubmitAnnotation,
+    session: SessionDep,
+    user: CurrentUser,
+    response: Response,
+) -> AnnotationCreated:
+    return _recorded(tasks.submit(session, lease_id=lease_id, user=user, data=data), response)
+
+
+@router.post(
+    "/leases/{lease_id}/skip", status_code=status.HTTP_201_CREATED, response_model=AnnotationCreated
+)
+def skip(
+    lease_id: LeaseId,
+    data: SkipTask,
+    session: SessionDep,
+    user: CurrentUser,
+    response: Response,
+) -> AnnotationCreated:
+    result = tasks.skip(
+        session, lease_id=lease_id, user=user, reason=data.reason, duration_ms=data.duration_ms
+    )
+    return _recorded(result, response)
+
+
+@router.post("/leases/{lease_id}/extend", response_model=LeaseRead)
+def extend(lease_id: LeaseId, session: SessionDep, user: CurrentUser) -> LeaseRead:
+    lease = tasks.extend(session, lease_id=lease_id, user=user)
+    return LeaseRead(lease_id=lease.id, expires_at=lease.expires_at)
+
+
+@router.get("/projects/{slug}/members", response_model=list[str], tags=["projects"])
+def list_members(slug: str, session: SessionDep, _: AdminUser) -> list[str]:
+    return members.list_members(session, slug=slug)
+
+
+@router.post("/projects/{slug}/members", response_model=list[str], tags=["projects"])
+def add_members(slug: str, data: Members, session: SessionDep, _: AdminUser) -> list[str]:
+    return members.add_members(session, slug=slug, usernames=data.usernames)
+
+
+@router.delete("/projects/{slug}/members", response_model=list[str], tags=["projects"])
+def remove_members(slug: str, data: Members, session: SessionDep, _: AdminUser) -> list[str]:
+    return members.remove_members(session, slug=slug, usernames=data.usernames)

@@ -1,0 +1,660 @@
+"""Task assignment: who labels which prompt, and recording what they said.
+
+A *task* is a prompt with its first K completions, handed to one annotator as a :class:`Lease`
+with the completions in a random order (stored with the lease). The invariants, kept under any
+concurrency on both databases:
+
+- a prompt never has more than ``project.overlap`` submitted annotations, and its submitted
+  annotations plus its live leases never exceed the overlap;
+- an annotator never gets the same prompt twice (skipped and expired ones included);
+- expired leases are reclaimed by the next request that needs a task (no cron);
+- prompts that already have annotations are served first, so complete sets accumulate.
+
+How: each prompt row carries two counters, ``annotation_count`` (submitted first revisions)
+and ``open_leases`` (leases in status ``open``, live or expired-but-not-yet-reclaimed), changed
+only here and only while the prompt row is locked. A prompt is a candidate while
+``annotation_count + open_leases < overlap``; handing it out adds one to ``open_leases``;
+submitting moves one from ``open_leases`` to ``annotation_count``; skipping or reclaiming
+an expired lease gives the slot back.
+
+On PostgreSQL the candidate is locked with ``FOR NO KEY UPDATE SKIP LOCKED``: annotators never
+wait for each other, they take the next candidate instead, and a locking read re-checks the
+counters on the newest row version. (NO KEY UPDATE rather than UPDATE so that inserting
+completions, whose foreign key takes KEY SHARE on the prompt, is not blocked.) On SQLite every
+writing transaction starts with ``BEGIN IMMEDIATE``, which serialises them. Locks are always
+taken lease first, then prompt, and several prompts in id order, so there is no deadlock. The
+unique (user, prompt) constraint on leases is the last line of defence against a user getting
+a prompt twice from two concurrent requests.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, case, exists, func, literal, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.errors import Conflict, Forbidden, InvalidInput, NotFound
+from app.models import (
+    Annotation,
+    AnnotationStatus,
+    Completion,
+    Lease,
+    LeaseStatus,
+    Project,
+    ProjectMember,
+    Prompt,
+    Role,
+    User,
+    utcnow,
+)
+from app.schemas import (
+    LabelContext,
+    ProjectProgress,
+    SubmitAnnotation,
+    Task,
+    TaskCompletion,
+    TaskPrompt,
+)
+from app.services.generation import pending_generation
+from app.services.transactions import write_transaction
+
+MIN_COMPLETIONS = 2
+"""A prompt becomes a task once it has at least this many completions."""
+MAX_EXCLUDE = 20
+RECLAIM_BATCH = 200
+"""Expired leases reclaimed per request at most (the rest by the following requests)."""
+CANDIDATE_ATTEMPTS = 5
+LABELS = "ABCDEFGHIJKLMNOP"
+
+_rng = random.SystemRandom()
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """The outcome of a submit or skip; ``replayed`` when a retry returned the earlier row."""
+
+    annotation_id: int
+    lease_id: int
+    replayed: bool = False
+
+
+# --------------------------------------------------------------------------- access
+
+
+def _labelable_project(session: Session, *, slug: str, user: User) -> Project:
+    project = session.scalar(select(Project).where(Project.slug == slug))
+    if project is None:
+        raise NotFound(f"project {slug!r} not found")
+    if not _may_label(session, project=project, user=user):
+        raise Forbidden(f"project {slug!r} is open to its members only")
+    return project
+
+
+def _may_label(session: Session, *, project: Project, user: User) -> bool:
+    if not project.members_only or user.role == Role.admin:
+        return True
+    member = select(ProjectMember.user_id).where(
+        ProjectMember.project_id == project.id, ProjectMember.user_id == user.id
+    )
+    return session.scalar(member) is not None
+
+
+def _visible_projects(session: Session, *, user: User) -> list[Project]:
+    query = select(Project).order_by(Project.id)
+    if user.role != Role.admin:
+        is_member = exists().where(
+            ProjectMember.project_id == Project.id, ProjectMember.user_id == user.id
+        )
+        query = query.where(or_(Project.members_only.is_(False), is_member))
+    return list(session.scalars(query))
+
+
+# --------------------------------------------------------------------------- next task
+
+
+def _candidates(project: Project, user_id: int):
+    """Prompts this user may be given now, best first (not locked)."""
+    ready = exists(
+        select(literal(1))
+        .where(Completion.prompt_id == Prompt.id)
+        .limit(1)
+        .offset(MIN_COMPLETIONS - 1)
+    )
+    leased_before = exists().where(Lease.prompt_id == Prompt.id, Lease.user_id == user_id)
+    annotated_before = exists().where(
+        Annotation.prompt_id == Prompt.id, Annotation.user_id == user_id
+    )
+    return (
+        select(Prompt.id, Prompt.messages)
+        .where(
+            Prompt.project_id == project.id,
+            Prompt.annotation_count < project.overlap,
+            Prompt.annotation_count + Prompt.open_leases < project.overlap,
+            ~leased_before,
+            ~annotated_before,
+            ready,
+        )
+        # Most-annotated first (complete sets accumulate); the queue index serves this order.
+        .order_by(Prompt.annotation_count.desc(), Prompt.id.desc())
+    )
+
+
+def next_task(
+    session: Session, *, slug: str, user: User, exclude: Sequence[int] = ()
+) -> Task | None:
+    """The user's task in project ``slug``: their oldest open lease not in ``exclude`` (so a
+    reload shows the same task), else a new lease on the best candidate; None when nothing is
+    left for them."""
+    project = _labelable_project(session, slug=slug, user=user)
+    exclude = list(exclude)[:MAX_EXCLUDE]
+    now = utcnow()
+    resume = (
+        select(Lease)
+        .where(
+            Lease.user_id == user.id,
+            Lease.project_id == project.id,
+            Lease.status == LeaseStatus.open,
+            Lease.expires_at > now,
+        )
+        .order_by(Lease.id)
+        .limit(1)
+    )
+    if exclude:
+        resume = resume.where(Lease.id.not_in(exclude))
+    lease = session.scalar(resume)
+    if lease is not None:
+        task = _task(session, lease=lease)
+        session.rollback()  # end the read transaction
+        return task
+
+    for _ in range(2):  # a second try only after losing a same-user race (unique violation)
+        try:
+            return _new_lease(session, project=project, user_id=user.id)
+        except IntegrityError:
+            session.rollback()
+    raise Conflict("could not assign a task, retry")
+
+
+def _new_lease(session: Session, *, project: Project, user_id: int) -> Task | None:
+    write_transaction(session)
+    now = utcnow()
+    reclaim_expired(session, now=now)
+    pg = session.get_bind().dialect.name == "postgresql"
+    query = _candidates(project, user_id).limit(1)
+    if pg:
+        query = query.with_for_update(of=Prompt, key_share=True, skip_locked=True)
+    row = session.execute(query).first()
+    if row is None:
+        session.commit()
+        return None
+    prompt_id, messages = row
+    completions = session.execute(
+        select(Completion.id, Completion.text)
+        .where(Completion.prompt_id == prompt_id)
+        .order_by(Completion.id)
+        .limit(project.completions_per_task)
+    ).all()
+    shown = list(completions)
+    _rng.shuffle(shown)
+    lease = Lease(
+        project_id=project.id,
+        prompt_id=prompt_id,
+        user_id=user_id,
+        status=LeaseStatus.open,
+        display_order=[c.id for c in shown],
+        created_at=now,
+        expires_at=now + timedelta(seconds=project.lease_seconds),
+    )
+    session.add(lease)
+    session.execute(
+        update(Prompt).where(Prompt.id == prompt_id).values(open_leases=Prompt.open_leases + 1)
+    )
+    session.flush()
+    task = Task(
+        lease_id=lease.id,
+        expires_at=lease.expires_at,
+        prompt=TaskPrompt(id=prompt_id, messages=messages),
+        completions=[
+            TaskCompletion(id=c.id, label=LABELS[i], text=c.text) for i, c in enumerate(shown)
+        ],
+    )
+    session.commit()
+    return task
+
+
+def _task(session: Session, *, lease: Lease) -> Task:
+    messages = session.scalar(select(Prompt.messages).where(Prompt.id == lease.prompt_id))
+    texts = dict(
+        session.execute(
+            select(Completion.id, Completion.text).where(Completion.id.in_(lease.display_order))
+        ).all()
+    )
+    return Task(
+        lease_id=lease.id,
+        expires_at=lease.expires_at,
+        prompt=TaskPrompt(id=lease.prompt_id, messages=messages or []),
+        completions=[
+            TaskCompletion(id=cid, label=LABELS[i], text=texts.get(cid, ""))
+            for i, cid in enumerate(lease.display_order)
+        ],
+    )
+
+
+def reclaim_expired(session: Session, *, now: datetime | None = None) -> int:
+    """Close up to RECLAIM_BATCH open leases past their expiry and give their slots back.
+
+    Runs inside the caller's write transaction (no commit). Leases locked by a concurrent
+    request are skipped (that request is closing them)."""
+    now = now or utcnow()
+    query = (
+        select(Lease.id, Lease.prompt_id)
+        .where(Lease.status == LeaseStatus.open, Lease.expires_at <= now)
+        .order_by(Lease.expires_at)
+        .limit(RECLAIM_BATCH)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    rows = session.execute(query).all()
+    if not rows:
+        return 0
+    session.execute(
+        update(Lease)
+        .where(Lease.id.in_([r.id for r in rows]))
+        .values(status=LeaseStatus.expired, closed_at=now)
+    )
+    per_prompt: dict[int, int] = defaultdict(int)
+    for r in rows:
+        per_prompt[r.prompt_id] += 1
+    for prompt_id in sorted(per_prompt):  # id order: concurrent reclaimers cannot deadlock
+        session.execute(
+            update(Prompt)
+            .where(Prompt.id == prompt_id)
+            .values(open_leases=Prompt.open_leases - per_prompt[prompt_id])
+        )
+    return len(rows)
+
+
+# --------------------------------------------------------------------------- lease actions
+
+
+def _locked_lease(session: Session, *, lease_id: int, user: User) -> Lease:
+    lease = session.scalar(select(Lease).where(Lease.id == lease_id).with_for_update())
+    if lease is None:
+        session.rollback()
+        raise NotFound(f"lease {lease_id} not found")
+    if lease.user_id != user.id:
+        session.rollback()
+        raise Forbidden(f"lease {lease_id} belongs to another annotator")
+    return lease
+
+
+def _close_if_expired(session: Session, lease: Lease, now: datetime) -> None:
+    """Raise 409 for a lease that is not open, expiring it first when its time is up."""
+    if lease.status == LeaseStatus.open and lease.expires_at <= now:
+        lease.status = LeaseStatus.expired
+        lease.closed_at = now
+        session.execute(
+            update(Prompt)
+            .where(Prompt.id == lease.prompt_id)
+            .values(open_leases=Prompt.open_leases - 1)
+        )
+        session.commit()
+        raise Conflict(f"lease {lease.id} expired at {lease.expires_at.isoformat()}")
+    if lease.status != LeaseStatus.open:
+        session.rollback()
+        raise Conflict(f"lease {lease.id} is already {lease.status.value}")
+
+
+def submit(session: Session, *, lease_id: int, user: User, data: SubmitAnnotation) -> Recorded:
+    """Record the annotation of an open lease. A retry of an already-recorded submit with the
+    same content returns the first annotation (``replayed``); different content is a 409."""
+    write_transaction(session)
+    now = utcnow()
+    lease = _locked_lease(session, lease_id=lease_id, user=user)
+    if lease.status == LeaseStatus.submitted:
+        earlier = session.scalar(select(Annotation).where(Annotation.lease_id == lease.id))
+        session.rollback()
+        if earlier is not None and _same_submission(earlier, data):
+            return Recorded(earlier.id, lease.id, replayed=True)
+        raise Conflict(f"lease {lease.id} was already submitted with different content")
+    _close_if_expired(session, lease, now)
+    project = session.get(Project, lease.project_id)
+    assert project is not None
+    errors = validate_submission(data, shown=lease.display_order, project=project)
+    if errors:
+        session.rollback()
+        raise InvalidInput("annotation rejected; nothing was written", errors=errors)
+
+    counted = session.execute(
+        update(Prompt)
+        .where(Prompt.id == lease.prompt_id, Prompt.annotation_count < project.overlap)
+        .values(annotation_count=Prompt.annotation_count + 1, open_leases=Prompt.open_leases - 1)
+    )
+    if counted.rowcount != 1:  # the overlap was lowered below what this prompt already has
+        lease.status = LeaseStatus.expired
+        lease.closed_at = now
+        session.execute(
+            update(Prompt)
+            .where(Prompt.id == lease.prompt_id)
+            .values(open_leases=Prompt.open_leases - 1)
+        )
+        session.commit()
+        raise Conflict("this prompt already has all the annotations it needs")
+    annotation = Annotation(
+        project_id=project.id,
+        prompt_id=lease.prompt_id,
+        user_id=user.id,
+        lease_id=lease.id,
+        revision=1,
+        status=AnnotationStatus.submitted,
+        ranking=[list(group) for group in data.ranking],
+        likert={str(int(k)): v for k, v in data.likert.items()},
+        flags={str(int(k)): list(v) for k, v in data.flags.items() if v},
+        rationale=data.rationale.strip(),
+        display_order=list(lease.display_order),
+        duration_ms=data.duration_ms,
+        strength=data.strength,
+        both_bad=data.both_bad,
+        created_at=now,
+    )
+    session.add(annotation)
+    lease.status = LeaseStatus.submitted
+    lease.closed_at = now
+    session.flush()
+    recorded = Recorded(annotation.id, lease.id)
+    session.commit()
+    return recorded
+
+
+def _same_submission(earlier: Annotation, data: SubmitAnnotation) -> bool:
+    return (
+        earlier.ranking == [list(g) for g in data.ranking]
+        and earlier.likert == {str(int(k)): v for k, v in data.likert.items()}
+        and earlier.flags == {str(int(k)): list(v) for k, v in data.flags.items() if v}
+        and earlier.rationale == data.rationale.strip()
+        and earlier.strength == data.strength
+        and earlier.both_bad == data.both_bad
+    )
+
+
+def skip(
+    session: Session, *, lease_id: int, user: User, reason: str, duration_ms: int | None = None
+) -> Recorded:
+    """Give the task up: recorded as a skipped annotation (the prompt is never offered to this
+    annotator again) and the slot goes back to the others."""
+    write_transaction(session)
+    now = utcnow()
+    lease = _locked_lease(session, lease_id=lease_id, user=user)
+    if lease.status == LeaseStatus.skipped:
+        earlier = session.scalar(select(Annotation.id).where(Annotation.lease_id == lease.id))
+        session.rollback()
+        if earlier is not None:
+            return Recorded(earlier, lease.id, replayed=True)
+    _close_if_expired(session, lease, now)
+    annotation = Annotation(
+        project_id=lease.project_id,
+        prompt_id=lease.prompt_id,
+        user_id=user.id,
+        lease_id=lease.id,
+        revision=1,
+        status=AnnotationStatus.skipped,
+        ranking=[],
+        display_order=list(lease.display_order),
+        skip_reason=reason.strip(),
+        duration_ms=duration_ms,
+        created_at=now,
+    )
+    session.add(annotation)
+    lease.status = LeaseStatus.skipped
+    lease.closed_at = now
+    session.execute(
+        update(Prompt)
+        .where(Prompt.id == lease.prompt_id)
+        .values(open_leases=Prompt.open_leases - 1)
+    )
+    session.flush()
+    recorded = Recorded(annotation.id, lease.id)
+    session.commit()
+    return recorded
+
+
+def extend(session: Session, *, lease_id: int, user: User) -> Lease:
+    """Heartbeat: the lease lives another ``lease_seconds`` from now."""
+    write_transaction(session)
+    now = utcnow()
+    lease = _locked_lease(session, lease_id=lease_id, user=user)
+    _close_if_expired(session, lease, now)
+    seconds = session.scalar(select(Project.lease_seconds).where(Project.id == lease.project_id))
+    lease.expires_at = now + timedelta(seconds=seconds or 600)
+    session.commit()
+    return lease
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate_submission(
+    data: SubmitAnnotation, *, shown: Sequence[int], project: Project
+) -> list[dict[str, Any]]:
+    """Every problem of ``data`` for a task that showed ``shown``; empty when it is valid."""
+    errors: list[dict[str, Any]] = []
+
+    def err(field: str, message: str) -> None:
+        errors.append({"field": field, "message": message})
+
+    task_ids = set(shown)
+    seen: set[int] = set()
+    for i, group in enumerate(data.ranking):
+        if not group:
+            err(f"ranking.{i}", "empty group")
+        for cid in group:
+            if cid not in task_ids:
+                err(f"ranking.{i}", f"completion {cid} is not part of this task")
+            elif cid in seen:
+                err(f"ranking.{i}", f"completion {cid} is ranked more than once")
+            seen.add(cid)
+    missing = [cid for cid in shown if cid not in seen]
+    if missing:
+        err("ranking", "every completion must be ranked; missing: " + _ids(missing))
+    tied = any(len(g) > 1 for g in data.ranking)
+    pairwise = len(shown) == 2
+    if data.both_bad:
+        if not pairwise:
+            err("both_bad", "only for pairwise tasks (2 completions)")
+        elif len(data.ranking) != 1:
+            err("both_bad", "'both bad' is recorded as a tie: rank both in one group")
+    elif tied and not project.allow_ties:
+        err("ranking", "ties are not allowed in this project")
+    if data.strength is not None:
+        if not pairwise:
+            err("strength", "only for pairwise tasks (2 completions)")
+        elif tied:
+            err("strength", "a tie has no strength")
+
+    if data.likert and not project.likert:
+        err("likert", "this project does not collect Likert scores")
+    else:
+        for key in data.likert:
+            if _completion_key(key) not in task_ids:
+                err(f"likert.{key}", "not a completion of this task")
+
+    allowed = set(project.flags or [])
+    for key, flags in data.flags.items():
+        if _completion_key(key) not in task_ids:
+            err(f"flags.{key}", "not a completion of this task")
+            continue
+        unknown = [f for f in flags if f not in allowed]
+        if unknown:
+            err(f"flags.{key}", "not one of the project's flags: " + ", ".join(map(repr, unknown)))
+        if len(set(flags)) != len(flags):
+            err(f"flags.{key}", "a flag is given twice")
+
+    if project.require_rationale and not data.rationale.strip():
+        err("rationale", "this project requires a rationale")
+    return errors
+
+
+def _completion_key(key: str) -> int | None:
+    return int(key) if key.isascii() and key.isdigit() and len(key) <= 19 else None
+
+
+def _ids(ids: Iterable[int]) -> str:
+    return ", ".join(str(i) for i in ids)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def _progress_counts(session: Session, project_ids: list[int], user_id: int) -> dict[int, tuple]:
+    if not project_ids:
+        return {}
+    rows = session.execute(
+        select(
+            Prompt.project_id,
+            func.count(),
+            func.sum(case((Prompt.annotation_count >= Project.overlap, 1), else_=0)),
+        )
+        .join(Project, Project.id == Prompt.project_id)
+        .where(Prompt.project_id.in_(project_ids))
+        .group_by(Prompt.project_id)
+    ).all()
+    mine = dict(
+        session.execute(
+            select(Annotation.project_id, func.count())
+            .where(
+                Annotation.user_id == user_id,
+                Annotation.revision == 1,
+                Annotation.project_id.in_(project_ids),
+            )
+            .group_by(Annotation.project_id)
+        ).all()
+    )
+    out = {pid: (0, 0, mine.get(pid, 0)) for pid in project_ids}
+    for pid, total, complete in rows:
+        out[pid] = (total, int(complete or 0), mine.get(pid, 0))
+    return out
+
+
+def _has_task_for(session: Session, project: Project, user_id: int) -> bool:
+    if session.scalar(
+        select(Lease.id)
+        .where(
+            Lease.user_id == user_id,
+            Lease.project_id == project.id,
+            Lease.status == LeaseStatus.open,
+            Lease.expires_at > utcnow(),
+        )
+        .limit(1)
+    ):
+        return True
+    return session.execute(_candidates(project, user_id).limit(1)).first() is not None
+
+
+def annotator_home(session: Session, *, user: User) -> list[ProjectProgress]:
+    """The projects this user may label, with their progress."""
+    projects = _visible_projects(session, user=user)
+    counts = _progress_counts(session, [p.id for p in projects], user.id)
+    return [
+        ProjectProgress(
+            slug=p.slug,
+            name=p.name,
+            prompt_count=counts[p.id][0],
+            complete_count=counts[p.id][1],
+            my_count=counts[p.id][2],
+            available=_has_task_for(session, p, user.id),
+        )
+        for p in projects
+    ]
+
+
+def labeling_context(session: Session, *, slug: str, user: User) -> LabelContext:
+    """The project settings and progress the labeling page shows around the task."""
+    project = _labelable_project(session, slug=slug, user=user)
+    total, complete, mine = _progress_counts(session, [project.id], user.id)[project.id]
+    return LabelContext(
+        slug=project.slug,
+        name=project.name,
+        guidelines=project.guidelines,
+        completions_per_task=project.completions_per_task,
+        allow_ties=project.allow_ties,
+        likert=project.likert,
+        flags=list(project.flags or []),
+        require_rationale=project.require_rationale,
+        lease_seconds=project.lease_seconds,
+        prompt_count=total,
+        complete_count=complete,
+        my_count=mine,
+        pending_generation=pending_generation(session, project_id=project.id),
+    )
+
+
+def check_invariants(session: Session, *, project_id: int | None = None) -> list[str]:
+    """Every violated invariant, as text (empty when all hold). For tests and benchmarks."""
+    problems: list[str] = []
+    now = utcnow()
+    prompts = select(Prompt.id, Prompt.annotation_count, Prompt.open_leases, Project.overlap).join(
+        Project, Project.id == Prompt.project_id
+    )
+    if project_id is not None:
+        prompts = prompts.where(Prompt.project_id == project_id)
+    submitted = dict(
+        session.execute(
+            select(Annotation.prompt_id, func.count())
+            .where(Annotation.status == AnnotationStatus.submitted, Annotation.revision == 1)
+            .group_by(Annotation.prompt_id)
+        ).all()
+    )
+    open_ = dict(
+        session.execute(
+            select(Lease.prompt_id, func.count())
+            .where(Lease.status == LeaseStatus.open)
+            .group_by(Lease.prompt_id)
+        ).all()
+    )
+    live = dict(
+        session.execute(
+            select(Lease.prompt_id, func.count())
+            .where(Lease.status == LeaseStatus.open, Lease.expires_at > now)
+            .group_by(Lease.prompt_id)
+        ).all()
+    )
+    for pid, count, open_leases, overlap in session.execute(prompts):
+        real = submitted.get(pid, 0)
+        if real > overlap:
+            problems.append(f"prompt {pid}: {real} submitted annotations > overlap {overlap}")
+        if real + live.get(pid, 0) > overlap:
+            problems.append(f"prompt {pid}: submitted + live leases > overlap {overlap}")
+        if count != real:
+            problems.append(f"prompt {pid}: annotation_count {count} != {real} submitted")
+        if open_leases != open_.get(pid, 0):
+            problems.append(f"prompt {pid}: open_leases {open_leases} != {open_.get(pid, 0)}")
+    twice = session.execute(
+        select(Annotation.prompt_id, Annotation.user_id)
+        .where(Annotation.revision == 1)
+        .group_by(Annotation.prompt_id, Annotation.user_id)
+        .having(func.count() > 1)
+    ).all()
+    problems += [f"prompt {p}: user {u} annotated it twice" for p, u in twice]
+    mismatched = session.execute(
+        select(Annotation.id)
+        .join(Lease, Lease.id == Annotation.lease_id)
+        .where(
+            or_(
+                Lease.user_id != Annotation.user_id,
+                Lease.prompt_id != Annotation.prompt_id,
+                and_(
+                    Annotation.status == AnnotationStatus.submitted,
+                    Lease.status != LeaseStatus.submitted,
+                ),
+            )
+        )
+    ).all()
+    problems += [f"annotation {a}: does not match its lease" for (a,) in mismatched]
+    return problems
