@@ -30,13 +30,14 @@ a prompt twice from two concurrent requests.
 from __future__ import annotations
 
 import random
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, exists, func, literal, or_, select, update
+from sqlalchemy import and_, case, exists, func, insert, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -70,6 +71,12 @@ MIN_COMPLETIONS = 2
 MAX_EXCLUDE = 20
 RECLAIM_BATCH = 200
 """Expired leases reclaimed per request at most (the rest by the following requests)."""
+RECLAIM_INTERVAL = 1.0
+"""Seconds between reclaim passes of one process, besides the pass made whenever a request
+finds no candidate (so an expired slot is never withheld from someone who needs it)."""
+_last_reclaim = 0.0
+_LEASE = Lease.__table__
+_ANNOTATION = Annotation.__table__
 CANDIDATE_ATTEMPTS = 5
 LABELS = "ABCDEFGHIJKLMNOP"
 
@@ -88,8 +95,21 @@ class Recorded:
 # --------------------------------------------------------------------------- access
 
 
-def _labelable_project(session: Session, *, slug: str, user: User) -> Project:
-    project = session.scalar(select(Project).where(Project.slug == slug))
+_PROJECT_COLUMNS = (
+    Project.id,
+    Project.slug,
+    Project.overlap,
+    Project.completions_per_task,
+    Project.lease_seconds,
+    Project.members_only,
+)
+
+
+def _labelable_project(session: Session, *, slug: str, user: User, extra: Any = None) -> Any:
+    """The project's task settings (a row: id, slug, overlap, completions_per_task,
+    lease_seconds, members_only, and ``extra`` if given) if ``user`` may label it."""
+    columns = (*_PROJECT_COLUMNS, extra) if extra is not None else _PROJECT_COLUMNS
+    project = session.execute(select(*columns).where(Project.slug == slug)).first()
     if project is None:
         raise NotFound(f"project {slug!r} not found")
     if not _may_label(session, project=project, user=user):
@@ -97,7 +117,7 @@ def _labelable_project(session: Session, *, slug: str, user: User) -> Project:
     return project
 
 
-def _may_label(session: Session, *, project: Project, user: User) -> bool:
+def _may_label(session: Session, *, project: Any, user: User) -> bool:
     if not project.members_only or user.role == Role.admin:
         return True
     member = select(ProjectMember.user_id).where(
@@ -119,7 +139,7 @@ def _visible_projects(session: Session, *, user: User) -> list[Project]:
 # --------------------------------------------------------------------------- next task
 
 
-def _candidates(project: Project, user_id: int):
+def _candidates(project: Any, user_id: int):
     """Prompts this user may be given now, best first (not locked)."""
     ready = exists(
         select(literal(1))
@@ -152,14 +172,15 @@ def next_task(
     """The user's task in project ``slug``: their oldest open lease not in ``exclude`` (so a
     reload shows the same task), else a new lease on the best candidate; None when nothing is
     left for them."""
-    project = _labelable_project(session, slug=slug, user=user)
     exclude = list(exclude)[:MAX_EXCLUDE]
     now = utcnow()
+    # One round trip for the project and the user's open lease in it (the common cases are
+    # "no open lease" under load and "resume" on a page reload).
     resume = (
-        select(Lease)
+        select(Lease.id)
         .where(
             Lease.user_id == user.id,
-            Lease.project_id == project.id,
+            Lease.project_id == Project.id,
             Lease.status == LeaseStatus.open,
             Lease.expires_at > now,
         )
@@ -168,8 +189,12 @@ def next_task(
     )
     if exclude:
         resume = resume.where(Lease.id.not_in(exclude))
-    lease = session.scalar(resume)
-    if lease is not None:
+    project = _labelable_project(
+        session, slug=slug, user=user, extra=resume.scalar_subquery().label("resume_id")
+    )
+    if project.resume_id is not None:
+        lease = session.get(Lease, project.resume_id)
+        assert lease is not None
         task = _task(session, lease=lease)
         session.rollback()  # end the read transaction
         return task
@@ -182,15 +207,21 @@ def next_task(
     raise Conflict("could not assign a task, retry")
 
 
-def _new_lease(session: Session, *, project: Project, user_id: int) -> Task | None:
+def _new_lease(session: Session, *, project: Any, user_id: int) -> Task | None:
+    global _last_reclaim
     write_transaction(session)
     now = utcnow()
-    reclaim_expired(session, now=now)
-    pg = session.get_bind().dialect.name == "postgresql"
+    reclaimed = False
+    if time.monotonic() - _last_reclaim >= RECLAIM_INTERVAL:
+        _last_reclaim = time.monotonic()
+        reclaim_expired(session, now=now)
+        reclaimed = True
     query = _candidates(project, user_id).limit(1)
-    if pg:
+    if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(of=Prompt, key_share=True, skip_locked=True)
     row = session.execute(query).first()
+    if row is None and not reclaimed and reclaim_expired(session, now=now):
+        row = session.execute(query).first()  # slots came free: look again
     if row is None:
         session.commit()
         return None
@@ -203,23 +234,26 @@ def _new_lease(session: Session, *, project: Project, user_id: int) -> Task | No
     ).all()
     shown = list(completions)
     _rng.shuffle(shown)
-    lease = Lease(
-        project_id=project.id,
-        prompt_id=prompt_id,
-        user_id=user_id,
-        status=LeaseStatus.open,
-        display_order=[c.id for c in shown],
-        created_at=now,
-        expires_at=now + timedelta(seconds=project.lease_seconds),
-    )
-    session.add(lease)
+    expires_at = now + timedelta(seconds=project.lease_seconds)
+    lease_id = session.execute(
+        insert(_LEASE)
+        .values(
+            project_id=project.id,
+            prompt_id=prompt_id,
+            user_id=user_id,
+            status=LeaseStatus.open,
+            display_order=[c.id for c in shown],
+            created_at=now,
+            expires_at=expires_at,
+        )
+        .returning(_LEASE.c.id)
+    ).scalar_one()
     session.execute(
         update(Prompt).where(Prompt.id == prompt_id).values(open_leases=Prompt.open_leases + 1)
     )
-    session.flush()
     task = Task(
-        lease_id=lease.id,
-        expires_at=lease.expires_at,
+        lease_id=lease_id,
+        expires_at=expires_at,
         prompt=TaskPrompt(id=prompt_id, messages=messages),
         completions=[
             TaskCompletion(id=c.id, label=LABELS[i], text=c.text) for i, c in enumerate(shown)
@@ -325,8 +359,16 @@ def submit(session: Session, *, lease_id: int, user: User, data: SubmitAnnotatio
             return Recorded(earlier.id, lease.id, replayed=True)
         raise Conflict(f"lease {lease.id} was already submitted with different content")
     _close_if_expired(session, lease, now)
-    project = session.get(Project, lease.project_id)
-    assert project is not None
+    project = session.execute(
+        select(
+            Project.id,
+            Project.overlap,
+            Project.allow_ties,
+            Project.likert,
+            Project.flags,
+            Project.require_rationale,
+        ).where(Project.id == lease.project_id)
+    ).one()
     errors = validate_submission(data, shown=lease.display_order, project=project)
     if errors:
         session.rollback()
@@ -347,28 +389,35 @@ def submit(session: Session, *, lease_id: int, user: User, data: SubmitAnnotatio
         )
         session.commit()
         raise Conflict("this prompt already has all the annotations it needs")
-    annotation = Annotation(
-        project_id=project.id,
-        prompt_id=lease.prompt_id,
-        user_id=user.id,
-        lease_id=lease.id,
-        revision=1,
-        status=AnnotationStatus.submitted,
-        ranking=[list(group) for group in data.ranking],
-        likert={str(int(k)): v for k, v in data.likert.items()},
-        flags={str(int(k)): list(v) for k, v in data.flags.items() if v},
-        rationale=data.rationale.strip(),
-        display_order=list(lease.display_order),
-        duration_ms=data.duration_ms,
-        strength=data.strength,
-        both_bad=data.both_bad,
-        created_at=now,
+    annotation_id = session.execute(
+        insert(_ANNOTATION)
+        .values(
+            project_id=project.id,
+            prompt_id=lease.prompt_id,
+            user_id=user.id,
+            lease_id=lease.id,
+            revision=1,
+            status=AnnotationStatus.submitted,
+            ranking=[list(group) for group in data.ranking],
+            likert={str(int(k)): v for k, v in data.likert.items()},
+            flags={str(int(k)): list(v) for k, v in data.flags.items() if v},
+            rationale=data.rationale.strip(),
+            display_order=list(lease.display_order),
+            duration_ms=data.duration_ms,
+            strength=data.strength,
+            both_bad=data.both_bad,
+            skip_reason=None,
+            supersedes_id=None,
+            created_at=now,
+        )
+        .returning(_ANNOTATION.c.id)
+    ).scalar_one()
+    session.execute(
+        update(_LEASE)
+        .where(_LEASE.c.id == lease.id)
+        .values(status=LeaseStatus.submitted, closed_at=now)
     )
-    session.add(annotation)
-    lease.status = LeaseStatus.submitted
-    lease.closed_at = now
-    session.flush()
-    recorded = Recorded(annotation.id, lease.id)
+    recorded = Recorded(annotation_id, lease.id)
     session.commit()
     return recorded
 
@@ -441,9 +490,10 @@ def extend(session: Session, *, lease_id: int, user: User) -> Lease:
 
 
 def validate_submission(
-    data: SubmitAnnotation, *, shown: Sequence[int], project: Project
+    data: SubmitAnnotation, *, shown: Sequence[int], project: Any
 ) -> list[dict[str, Any]]:
-    """Every problem of ``data`` for a task that showed ``shown``; empty when it is valid."""
+    """Every problem of ``data`` for a task that showed ``shown``; empty when it is valid.
+    ``project`` needs ``allow_ties``, ``likert``, ``flags`` and ``require_rationale``."""
     errors: list[dict[str, Any]] = []
 
     def err(field: str, message: str) -> None:
@@ -576,7 +626,8 @@ def annotator_home(session: Session, *, user: User) -> list[ProjectProgress]:
 
 def labeling_context(session: Session, *, slug: str, user: User) -> LabelContext:
     """The project settings and progress the labeling page shows around the task."""
-    project = _labelable_project(session, slug=slug, user=user)
+    project = session.get(Project, _labelable_project(session, slug=slug, user=user).id)
+    assert project is not None
     total, complete, mine = _progress_counts(session, [project.id], user.id)[project.id]
     return LabelContext(
         slug=project.slug,
