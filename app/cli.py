@@ -52,6 +52,11 @@ models_cli = typer.Typer(help="Local generation models.", no_args_is_help=True)
 cli.add_typer(models_cli, name="models")
 
 DEMO_DATA = ROOT / "app" / "demo" / "prompts.jsonl"
+DEMO_ACCOUNTS = (
+    ("admin", Role.admin),
+    ("annotator1", Role.annotator),
+    ("annotator2", Role.annotator),
+)
 
 
 @contextmanager
@@ -374,11 +379,11 @@ def seed_demo(
         bool, typer.Option(help="Queue generation of 4 completions per prompt (built-in model).")
     ] = True,
 ) -> None:
-    """Create an admin, an annotator and a demo project with prompts (idempotent)."""
+    """Create an admin, two annotators and a demo project with prompts (idempotent)."""
     settings = get_settings()
     lines, secret = [], None
     with _session() as s:
-        for username, role in (("admin", Role.admin), ("annotator", Role.annotator)):
+        for username, role in DEMO_ACCOUNTS:
             try:
                 users.get_user(s, username=username)
                 lines.append(f"  {role.value:9} {username:10} (exists; password unchanged)")
@@ -414,6 +419,7 @@ def seed_demo(
             f"generation job {job.id} queued: 4 completions × {job.total} prompts "
             f"with {BUILTIN_MODEL} (run `prefero worker`)"
         )
+    typer.echo("label in the browser at /label/demo (log in as annotator1 or annotator2)")
     if secret:
         typer.echo(f"admin API token (shown once): {secret}")
     else:
