@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -18,7 +19,18 @@ from app import __version__
 from app.config import Settings, get_settings
 from app.db import engine_from_settings, make_session_factory
 from app.errors import DomainError, TooManyRequests
-from app.routes import api_generation, api_projects, api_prompts, api_tasks, api_users, health
+from app.routes import (
+    api_generation,
+    api_projects,
+    api_prompts,
+    api_tasks,
+    api_users,
+    health,
+    pages_auth,
+    pages_docs,
+    pages_label,
+)
+from app.web import STATIC_DIR, SecurityHeaders
 
 log = logging.getLogger("prefero")
 
@@ -40,13 +52,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         engine.dispose()
 
-    app = FastAPI(title="prefero", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    # /docs is served from the vendored Swagger UI (pages_docs); FastAPI's own loads a CDN.
+    app = FastAPI(
+        title="prefero",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
 
     for module in (health, api_projects, api_prompts, api_generation, api_users, api_tasks):
         app.include_router(module.router)
+    for module in (pages_auth, pages_label, pages_docs):
+        app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_middleware(SecurityHeaders)  # CSP, nosniff, referrer and framing on every response
     _install_error_handlers(app)
     return app
 

@@ -14,8 +14,8 @@ router = APIRouter(tags=["health"])
 
 @router.get("/", include_in_schema=False)
 def root() -> RedirectResponse:
-    """The API documentation, until the labeling pages take this place."""
-    return RedirectResponse("/docs")
+    """The annotator's home page (which sends anonymous visitors on to /login)."""
+    return RedirectResponse("/label")
 
 
 @router.get("/healthz", response_model=Health)

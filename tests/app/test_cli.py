@@ -113,7 +113,7 @@ def test_seed_demo_is_idempotent(cli_env):
     assert "password:" in first
     second = run("seed-demo").stdout
     assert "password unchanged" in second
-    assert scalar(cli_env, "SELECT count(*) FROM \"user\"") == 3
+    assert scalar(cli_env, 'SELECT count(*) FROM "user"') == 3
     assert scalar(cli_env, "SELECT count(*) FROM project") == 1
     assert scalar(cli_env, "SELECT count(*) FROM prompt") >= 5
 

@@ -51,8 +51,18 @@ def test_database_outage_is_503_with_retry_after(tmp_path):
     assert "Traceback" not in r.text
 
 
-def test_root_leads_to_the_api_docs(client):
+def test_root_leads_to_the_labeling_pages(client):
     r = client.get("/", follow_redirects=False)
     assert r.status_code == 307
-    assert r.headers["location"] == "/docs"
-    assert client.get("/docs").status_code == 200
+    assert r.headers["location"] == "/label"
+    r = client.get("/label", follow_redirects=False)
+    assert r.status_code == 303
+    assert r.headers["location"] == "/login?next=/label"
+
+
+def test_api_docs_are_served_without_a_cdn(client):
+    r = client.get("/docs")
+    assert r.status_code == 200
+    assert "/static/vendor/swagger-ui/swagger-ui-bundle.js" in r.text
+    assert "cdn" not in r.text.lower()
+    assert client.get("/openapi.json").json()["info"]["title"] == "prefero"
