@@ -81,8 +81,7 @@ def skip(
 
 @router.post("/leases/{lease_id}/extend", response_model=LeaseRead)
 def extend(lease_id: LeaseId, session: SessionDep, user: CurrentUser) -> LeaseRead:
-    lease = tasks.extend(session, lease_id=lease_id, user=user)
-    return LeaseRead(lease_id=lease.id, expires_at=lease.expires_at)
+    return tasks.extend(session, lease_id=lease_id, user=user)
 
 
 @router.get("/projects/{slug}/members", response_model=list[str], tags=["projects"])

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, exists, func, insert, literal, or_, select, update
+from sqlalchemy import and_, bindparam, case, exists, func, insert, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -57,6 +57,7 @@ from app.models import (
 )
 from app.schemas import (
     LabelContext,
+    LeaseRead,
     ProjectProgress,
     SubmitAnnotation,
     Task,
@@ -75,8 +76,6 @@ RECLAIM_INTERVAL = 1.0
 """Seconds between reclaim passes of one process, besides the pass made whenever a request
 finds no candidate (so an expired slot is never withheld from someone who needs it)."""
 _last_reclaim = 0.0
-_LEASE = Lease.__table__
-_ANNOTATION = Annotation.__table__
 CANDIDATE_ATTEMPTS = 5
 LABELS = "ABCDEFGHIJKLMNOP"
 
@@ -105,11 +104,10 @@ _PROJECT_COLUMNS = (
 )
 
 
-def _labelable_project(session: Session, *, slug: str, user: User, extra: Any = None) -> Any:
+def _labelable_project(session: Session, *, slug: str, user: User) -> Any:
     """The project's task settings (a row: id, slug, overlap, completions_per_task,
-    lease_seconds, members_only, and ``extra`` if given) if ``user`` may label it."""
-    columns = (*_PROJECT_COLUMNS, extra) if extra is not None else _PROJECT_COLUMNS
-    project = session.execute(select(*columns).where(Project.slug == slug)).first()
+    lease_seconds, members_only) if ``user`` may label it."""
+    project = session.execute(select(*_PROJECT_COLUMNS).where(Project.slug == slug)).first()
     if project is None:
         raise NotFound(f"project {slug!r} not found")
     if not _may_label(session, project=project, user=user):
@@ -120,10 +118,8 @@ def _labelable_project(session: Session, *, slug: str, user: User, extra: Any = 
 def _may_label(session: Session, *, project: Any, user: User) -> bool:
     if not project.members_only or user.role == Role.admin:
         return True
-    member = select(ProjectMember.user_id).where(
-        ProjectMember.project_id == project.id, ProjectMember.user_id == user.id
-    )
-    return session.scalar(member) is not None
+    params = {"project_id": project.id, "user_id": user.id}
+    return session.connection().execute(_IS_MEMBER, params).first() is not None
 
 
 def _visible_projects(session: Session, *, user: User) -> list[Project]:
@@ -136,34 +132,116 @@ def _visible_projects(session: Session, *, user: User) -> list[Project]:
     return list(session.scalars(query))
 
 
-# --------------------------------------------------------------------------- next task
+# --------------------------------------------------------------------------- statements
+# The hot paths (next, submit) run statements built once here, on the session's connection:
+# no per-request statement construction or ORM bookkeeping, and SQLAlchemy's compiled cache
+# (and psycopg's prepared statements) always hit. ``with_for_update`` renders nothing on SQLite.
+
+_P, _C, _L, _A, _PR = (m.__table__ for m in (Prompt, Completion, Lease, Annotation, Project))
+
+_READY = exists(
+    select(literal(1)).where(_C.c.prompt_id == _P.c.id).limit(1).offset(MIN_COMPLETIONS - 1)
+)
+_CANDIDATE = (
+    select(_P.c.id, _P.c.messages)
+    .where(
+        _P.c.project_id == bindparam("project_id"),
+        _P.c.annotation_count < bindparam("overlap"),
+        _P.c.annotation_count + _P.c.open_leases < bindparam("overlap"),
+        ~exists().where(_L.c.prompt_id == _P.c.id, _L.c.user_id == bindparam("user_id")),
+        ~exists().where(_A.c.prompt_id == _P.c.id, _A.c.user_id == bindparam("user_id")),
+        _READY,
+    )
+    # Most-annotated first (complete sets accumulate); the queue index serves this order.
+    .order_by(_P.c.annotation_count.desc(), _P.c.id.desc())
+    .limit(1)
+    .with_for_update(of=_P, key_share=True, skip_locked=True)
+)
+_RESUME = (
+    select(_L.c.id)
+    .where(
+        _L.c.user_id == bindparam("user_id"),
+        _L.c.project_id == _PR.c.id,
+        _L.c.status == LeaseStatus.open,
+        _L.c.expires_at > bindparam("now"),
+        _L.c.id.not_in(bindparam("exclude", expanding=True)),
+    )
+    .order_by(_L.c.id)
+    .limit(1)
+    .scalar_subquery()
+)
+_PROJECT_FOR_TASK = select(
+    _PR.c.id,
+    _PR.c.slug,
+    _PR.c.overlap,
+    _PR.c.completions_per_task,
+    _PR.c.lease_seconds,
+    _PR.c.members_only,
+    _RESUME.label("resume_id"),
+).where(_PR.c.slug == bindparam("slug"))
+_IS_MEMBER = select(ProjectMember.__table__.c.user_id).where(
+    ProjectMember.__table__.c.project_id == bindparam("project_id"),
+    ProjectMember.__table__.c.user_id == bindparam("user_id"),
+)
+_FIRST_COMPLETIONS = (
+    select(_C.c.id, _C.c.text)
+    .where(_C.c.prompt_id == bindparam("prompt_id"))
+    .order_by(_C.c.id)
+    .limit(bindparam("k"))
+)
+_INSERT_LEASE = insert(_L).returning(_L.c.id)
+_TAKE_SLOT = update(_P).where(_P.c.id == bindparam("pid")).values(open_leases=_P.c.open_leases + 1)
+_GIVE_SLOT_BACK = (
+    update(_P)
+    .where(_P.c.id == bindparam("pid"))
+    .values(open_leases=_P.c.open_leases - bindparam("n"))
+)
+_COUNT_ANNOTATION = (
+    update(_P)
+    .where(_P.c.id == bindparam("pid"), _P.c.annotation_count < bindparam("overlap"))
+    .values(annotation_count=_P.c.annotation_count + 1, open_leases=_P.c.open_leases - 1)
+)
+_LOCK_LEASE = (
+    select(
+        _L.c.id,
+        _L.c.user_id,
+        _L.c.prompt_id,
+        _L.c.project_id,
+        _L.c.status,
+        _L.c.display_order,
+        _L.c.expires_at,
+        _PR.c.overlap,
+        _PR.c.allow_ties,
+        _PR.c.likert,
+        _PR.c.flags,
+        _PR.c.require_rationale,
+        _PR.c.lease_seconds,
+    )
+    .join(_PR, _PR.c.id == _L.c.project_id)
+    .where(_L.c.id == bindparam("lease_id"))
+    .with_for_update(of=_L)
+)
+_CLOSE_LEASE = (
+    update(_L)
+    .where(_L.c.id == bindparam("lid"))
+    .values(status=bindparam("new_status"), closed_at=bindparam("closed"))
+)
+_INSERT_ANNOTATION = insert(_A).returning(_A.c.id)
 
 
 def _candidates(project: Any, user_id: int):
-    """Prompts this user may be given now, best first (not locked)."""
-    ready = exists(
-        select(literal(1))
-        .where(Completion.prompt_id == Prompt.id)
-        .limit(1)
-        .offset(MIN_COMPLETIONS - 1)
+    """Prompts this user may be given now, best first (not locked): for progress pages."""
+    return select(_P.c.id).where(
+        _P.c.project_id == project.id,
+        _P.c.annotation_count < project.overlap,
+        _P.c.annotation_count + _P.c.open_leases < project.overlap,
+        ~exists().where(_L.c.prompt_id == _P.c.id, _L.c.user_id == user_id),
+        ~exists().where(_A.c.prompt_id == _P.c.id, _A.c.user_id == user_id),
+        _READY,
     )
-    leased_before = exists().where(Lease.prompt_id == Prompt.id, Lease.user_id == user_id)
-    annotated_before = exists().where(
-        Annotation.prompt_id == Prompt.id, Annotation.user_id == user_id
-    )
-    return (
-        select(Prompt.id, Prompt.messages)
-        .where(
-            Prompt.project_id == project.id,
-            Prompt.annotation_count < project.overlap,
-            Prompt.annotation_count + Prompt.open_leases < project.overlap,
-            ~leased_before,
-            ~annotated_before,
-            ready,
-        )
-        # Most-annotated first (complete sets accumulate); the queue index serves this order.
-        .order_by(Prompt.annotation_count.desc(), Prompt.id.desc())
-    )
+
+
+# --------------------------------------------------------------------------- next task
 
 
 def next_task(
@@ -172,26 +250,24 @@ def next_task(
     """The user's task in project ``slug``: their oldest open lease not in ``exclude`` (so a
     reload shows the same task), else a new lease on the best candidate; None when nothing is
     left for them."""
-    exclude = list(exclude)[:MAX_EXCLUDE]
-    now = utcnow()
+    conn = session.connection()
     # One round trip for the project and the user's open lease in it (the common cases are
     # "no open lease" under load and "resume" on a page reload).
-    resume = (
-        select(Lease.id)
-        .where(
-            Lease.user_id == user.id,
-            Lease.project_id == Project.id,
-            Lease.status == LeaseStatus.open,
-            Lease.expires_at > now,
-        )
-        .order_by(Lease.id)
-        .limit(1)
-    )
-    if exclude:
-        resume = resume.where(Lease.id.not_in(exclude))
-    project = _labelable_project(
-        session, slug=slug, user=user, extra=resume.scalar_subquery().label("resume_id")
-    )
+    project = conn.execute(
+        _PROJECT_FOR_TASK,
+        {
+            "slug": slug,
+            "user_id": user.id,
+            "now": utcnow(),
+            "exclude": list(exclude)[:MAX_EXCLUDE],
+        },
+    ).first()
+    if project is None:
+        session.rollback()
+        raise NotFound(f"project {slug!r} not found")
+    if not _may_label(session, project=project, user=user):
+        session.rollback()
+        raise Forbidden(f"project {slug!r} is open to its members only")
     if project.resume_id is not None:
         lease = session.get(Lease, project.resume_id)
         assert lease is not None
@@ -210,48 +286,44 @@ def next_task(
 def _new_lease(session: Session, *, project: Any, user_id: int) -> Task | None:
     global _last_reclaim
     write_transaction(session)
+    conn = session.connection()
     now = utcnow()
     reclaimed = False
     if time.monotonic() - _last_reclaim >= RECLAIM_INTERVAL:
         _last_reclaim = time.monotonic()
         reclaim_expired(session, now=now)
         reclaimed = True
-    query = _candidates(project, user_id).limit(1)
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(of=Prompt, key_share=True, skip_locked=True)
-    row = session.execute(query).first()
+    params = {"project_id": project.id, "overlap": project.overlap, "user_id": user_id}
+    row = conn.execute(_CANDIDATE, params).first()
     if row is None and not reclaimed and reclaim_expired(session, now=now):
-        row = session.execute(query).first()  # slots came free: look again
+        row = conn.execute(_CANDIDATE, params).first()  # slots came free: look again
     if row is None:
         session.commit()
         return None
     prompt_id, messages = row
-    completions = session.execute(
-        select(Completion.id, Completion.text)
-        .where(Completion.prompt_id == prompt_id)
-        .order_by(Completion.id)
-        .limit(project.completions_per_task)
-    ).all()
-    shown = list(completions)
+    shown = list(
+        conn.execute(
+            _FIRST_COMPLETIONS, {"prompt_id": prompt_id, "k": project.completions_per_task}
+        )
+    )
     _rng.shuffle(shown)
     expires_at = now + timedelta(seconds=project.lease_seconds)
-    lease_id = session.execute(
-        insert(_LEASE)
-        .values(
-            project_id=project.id,
-            prompt_id=prompt_id,
-            user_id=user_id,
-            status=LeaseStatus.open,
-            display_order=[c.id for c in shown],
-            created_at=now,
-            expires_at=expires_at,
-        )
-        .returning(_LEASE.c.id)
+    lease_id = conn.execute(
+        _INSERT_LEASE,
+        {
+            "project_id": project.id,
+            "prompt_id": prompt_id,
+            "user_id": user_id,
+            "status": LeaseStatus.open,
+            "display_order": [c.id for c in shown],
+            "created_at": now,
+            "expires_at": expires_at,
+            "closed_at": None,
+        },
     ).scalar_one()
-    session.execute(
-        update(Prompt).where(Prompt.id == prompt_id).values(open_leases=Prompt.open_leases + 1)
-    )
-    task = Task(
+    conn.execute(_TAKE_SLOT, {"pid": prompt_id})
+    session.commit()
+    return Task(
         lease_id=lease_id,
         expires_at=expires_at,
         prompt=TaskPrompt(id=prompt_id, messages=messages),
@@ -259,8 +331,6 @@ def _new_lease(session: Session, *, project: Any, user_id: int) -> Task | None:
             TaskCompletion(id=c.id, label=LABELS[i], text=c.text) for i, c in enumerate(shown)
         ],
     )
-    session.commit()
-    return task
 
 
 def _task(session: Session, *, lease: Lease) -> Task:
@@ -292,9 +362,8 @@ def reclaim_expired(session: Session, *, now: datetime | None = None) -> int:
         .where(Lease.status == LeaseStatus.open, Lease.expires_at <= now)
         .order_by(Lease.expires_at)
         .limit(RECLAIM_BATCH)
+        .with_for_update(skip_locked=True)
     )
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
     rows = session.execute(query).all()
     if not rows:
         return 0
@@ -306,20 +375,18 @@ def reclaim_expired(session: Session, *, now: datetime | None = None) -> int:
     per_prompt: dict[int, int] = defaultdict(int)
     for r in rows:
         per_prompt[r.prompt_id] += 1
+    conn = session.connection()
     for prompt_id in sorted(per_prompt):  # id order: concurrent reclaimers cannot deadlock
-        session.execute(
-            update(Prompt)
-            .where(Prompt.id == prompt_id)
-            .values(open_leases=Prompt.open_leases - per_prompt[prompt_id])
-        )
+        conn.execute(_GIVE_SLOT_BACK, {"pid": prompt_id, "n": per_prompt[prompt_id]})
     return len(rows)
 
 
 # --------------------------------------------------------------------------- lease actions
 
 
-def _locked_lease(session: Session, *, lease_id: int, user: User) -> Lease:
-    lease = session.scalar(select(Lease).where(Lease.id == lease_id).with_for_update())
+def _locked_lease(session: Session, *, lease_id: int, user: User) -> Any:
+    """The lease row with its project's settings, locked; 404 or 403 (after a rollback)."""
+    lease = session.connection().execute(_LOCK_LEASE, {"lease_id": lease_id}).first()
     if lease is None:
         session.rollback()
         raise NotFound(f"lease {lease_id} not found")
@@ -329,21 +396,45 @@ def _locked_lease(session: Session, *, lease_id: int, user: User) -> Lease:
     return lease
 
 
-def _close_if_expired(session: Session, lease: Lease, now: datetime) -> None:
+def _close(session: Session, lease: Any, status: LeaseStatus, now: datetime) -> None:
+    session.connection().execute(
+        _CLOSE_LEASE, {"lid": lease.id, "new_status": status, "closed": now}
+    )
+
+
+def _close_if_expired(session: Session, lease: Any, now: datetime) -> None:
     """Raise 409 for a lease that is not open, expiring it first when its time is up."""
     if lease.status == LeaseStatus.open and lease.expires_at <= now:
-        lease.status = LeaseStatus.expired
-        lease.closed_at = now
-        session.execute(
-            update(Prompt)
-            .where(Prompt.id == lease.prompt_id)
-            .values(open_leases=Prompt.open_leases - 1)
-        )
+        _close(session, lease, LeaseStatus.expired, now)
+        session.connection().execute(_GIVE_SLOT_BACK, {"pid": lease.prompt_id, "n": 1})
         session.commit()
         raise Conflict(f"lease {lease.id} expired at {lease.expires_at.isoformat()}")
     if lease.status != LeaseStatus.open:
         session.rollback()
         raise Conflict(f"lease {lease.id} is already {lease.status.value}")
+
+
+def _annotation_values(lease: Any, user: User, now: datetime, **fields: Any) -> dict[str, Any]:
+    values = {
+        "project_id": lease.project_id,
+        "prompt_id": lease.prompt_id,
+        "user_id": user.id,
+        "lease_id": lease.id,
+        "revision": 1,
+        "supersedes_id": None,
+        "ranking": [],
+        "likert": {},
+        "flags": {},
+        "rationale": "",
+        "display_order": list(lease.display_order),
+        "duration_ms": None,
+        "skip_reason": None,
+        "strength": None,
+        "both_bad": False,
+        "created_at": now,
+    }
+    values.update(fields)
+    return values
 
 
 def submit(session: Session, *, lease_id: int, user: User, data: SubmitAnnotation) -> Recorded:
@@ -359,67 +450,37 @@ def submit(session: Session, *, lease_id: int, user: User, data: SubmitAnnotatio
             return Recorded(earlier.id, lease.id, replayed=True)
         raise Conflict(f"lease {lease.id} was already submitted with different content")
     _close_if_expired(session, lease, now)
-    project = session.execute(
-        select(
-            Project.id,
-            Project.overlap,
-            Project.allow_ties,
-            Project.likert,
-            Project.flags,
-            Project.require_rationale,
-        ).where(Project.id == lease.project_id)
-    ).one()
-    errors = validate_submission(data, shown=lease.display_order, project=project)
+    errors = validate_submission(data, shown=lease.display_order, project=lease)
     if errors:
         session.rollback()
         raise InvalidInput("annotation rejected; nothing was written", errors=errors)
 
-    counted = session.execute(
-        update(Prompt)
-        .where(Prompt.id == lease.prompt_id, Prompt.annotation_count < project.overlap)
-        .values(annotation_count=Prompt.annotation_count + 1, open_leases=Prompt.open_leases - 1)
-    )
+    conn = session.connection()
+    counted = conn.execute(_COUNT_ANNOTATION, {"pid": lease.prompt_id, "overlap": lease.overlap})
     if counted.rowcount != 1:  # the overlap was lowered below what this prompt already has
-        lease.status = LeaseStatus.expired
-        lease.closed_at = now
-        session.execute(
-            update(Prompt)
-            .where(Prompt.id == lease.prompt_id)
-            .values(open_leases=Prompt.open_leases - 1)
-        )
+        _close(session, lease, LeaseStatus.expired, now)
+        conn.execute(_GIVE_SLOT_BACK, {"pid": lease.prompt_id, "n": 1})
         session.commit()
         raise Conflict("this prompt already has all the annotations it needs")
-    annotation_id = session.execute(
-        insert(_ANNOTATION)
-        .values(
-            project_id=project.id,
-            prompt_id=lease.prompt_id,
-            user_id=user.id,
-            lease_id=lease.id,
-            revision=1,
+    annotation_id = conn.execute(
+        _INSERT_ANNOTATION,
+        _annotation_values(
+            lease,
+            user,
+            now,
             status=AnnotationStatus.submitted,
             ranking=[list(group) for group in data.ranking],
             likert={str(int(k)): v for k, v in data.likert.items()},
             flags={str(int(k)): list(v) for k, v in data.flags.items() if v},
             rationale=data.rationale.strip(),
-            display_order=list(lease.display_order),
             duration_ms=data.duration_ms,
             strength=data.strength,
             both_bad=data.both_bad,
-            skip_reason=None,
-            supersedes_id=None,
-            created_at=now,
-        )
-        .returning(_ANNOTATION.c.id)
+        ),
     ).scalar_one()
-    session.execute(
-        update(_LEASE)
-        .where(_LEASE.c.id == lease.id)
-        .values(status=LeaseStatus.submitted, closed_at=now)
-    )
-    recorded = Recorded(annotation_id, lease.id)
+    _close(session, lease, LeaseStatus.submitted, now)
     session.commit()
-    return recorded
+    return Recorded(annotation_id, lease.id)
 
 
 def _same_submission(earlier: Annotation, data: SubmitAnnotation) -> bool:
@@ -447,43 +508,34 @@ def skip(
         if earlier is not None:
             return Recorded(earlier, lease.id, replayed=True)
     _close_if_expired(session, lease, now)
-    annotation = Annotation(
-        project_id=lease.project_id,
-        prompt_id=lease.prompt_id,
-        user_id=user.id,
-        lease_id=lease.id,
-        revision=1,
-        status=AnnotationStatus.skipped,
-        ranking=[],
-        display_order=list(lease.display_order),
-        skip_reason=reason.strip(),
-        duration_ms=duration_ms,
-        created_at=now,
-    )
-    session.add(annotation)
-    lease.status = LeaseStatus.skipped
-    lease.closed_at = now
-    session.execute(
-        update(Prompt)
-        .where(Prompt.id == lease.prompt_id)
-        .values(open_leases=Prompt.open_leases - 1)
-    )
-    session.flush()
-    recorded = Recorded(annotation.id, lease.id)
+    conn = session.connection()
+    annotation_id = conn.execute(
+        _INSERT_ANNOTATION,
+        _annotation_values(
+            lease,
+            user,
+            now,
+            status=AnnotationStatus.skipped,
+            skip_reason=reason.strip(),
+            duration_ms=duration_ms,
+        ),
+    ).scalar_one()
+    _close(session, lease, LeaseStatus.skipped, now)
+    conn.execute(_GIVE_SLOT_BACK, {"pid": lease.prompt_id, "n": 1})
     session.commit()
-    return recorded
+    return Recorded(annotation_id, lease.id)
 
 
-def extend(session: Session, *, lease_id: int, user: User) -> Lease:
+def extend(session: Session, *, lease_id: int, user: User) -> LeaseRead:
     """Heartbeat: the lease lives another ``lease_seconds`` from now."""
     write_transaction(session)
     now = utcnow()
     lease = _locked_lease(session, lease_id=lease_id, user=user)
     _close_if_expired(session, lease, now)
-    seconds = session.scalar(select(Project.lease_seconds).where(Project.id == lease.project_id))
-    lease.expires_at = now + timedelta(seconds=seconds or 600)
+    expires_at = now + timedelta(seconds=lease.lease_seconds)
+    session.execute(update(Lease).where(Lease.id == lease.id).values(expires_at=expires_at))
     session.commit()
-    return lease
+    return LeaseRead(lease_id=lease.id, expires_at=expires_at)
 
 
 # --------------------------------------------------------------------------- validation

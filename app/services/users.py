@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -70,24 +71,40 @@ def revoke_token(session: Session, *, token_id: int) -> ApiToken:
     return token
 
 
+_T, _U = ApiToken.__table__, User.__table__
+_USER_COLUMNS = (_U.c.id, _U.c.username, _U.c.role, _U.c.active, _U.c.created_at)
+_TOKEN_OWNER = (
+    select(_T.c.id.label("token_id"), _T.c.revoked_at, _T.c.last_used_at, *_USER_COLUMNS)
+    .join(_U, _T.c.user_id == _U.c.id)
+    .where(_T.c.token_hash == bindparam("token_hash"))
+)
+
+
+def user_from_row(row: Any) -> User:
+    """A detached ``User`` from a row with the user columns: the caller on every request,
+    built without an ORM load (it is only read, never added to a session)."""
+    return User(
+        id=row.id,
+        username=row.username,
+        role=row.role,
+        active=row.active,
+        created_at=row.created_at,
+    )
+
+
 def authenticate_token(session: Session, *, secret: str) -> User:
     """The active user owning an unrevoked token, or :class:`Unauthenticated`."""
-    row = session.execute(
-        select(ApiToken, User)
-        .join(User, ApiToken.user_id == User.id)
-        .where(ApiToken.token_hash == hash_token(secret))
-    ).first()
+    row = session.connection().execute(_TOKEN_OWNER, {"token_hash": hash_token(secret)}).first()
     if row is None:
         raise Unauthenticated("invalid token")
-    token, user = row
-    if token.revoked_at is not None:
+    if row.revoked_at is not None:
         raise Unauthenticated("token revoked")
-    if not user.active:
+    if not row.active:
         raise Unauthenticated("account deactivated")
     now = utcnow()
-    if token.last_used_at is None or now - token.last_used_at > LAST_USED_RESOLUTION:
-        _touch_token(session, token_id=token.id, now=now)
-    return user
+    if row.last_used_at is None or now - row.last_used_at > LAST_USED_RESOLUTION:
+        _touch_token(session, token_id=row.token_id, now=now)
+    return user_from_row(row)
 
 
 def _touch_token(session: Session, *, token_id: int, now: datetime) -> None:
