@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -16,20 +17,29 @@ from app.models import Role, User
 from app.services.auth_sessions import WebLogin, authenticate_session
 from app.services.users import authenticate_token
 
+T = TypeVar("T")
 WEB_SESSION_COOKIE = "prefero_session"
 CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-def get_session(request: Request) -> Iterator[Session]:
+# The dependencies are ``async``: FastAPI runs each sync dependency in a thread of its own,
+# and a request would hop threads four times. Only the database work hops: authentication
+# (one thread, which then hands its connection back) and the endpoint (another).
+
+
+async def get_session(request: Request) -> AsyncIterator[Session]:
     session = request.app.state.session_factory()
     try:
         yield session
     finally:
-        session.close()
+        if session.in_transaction():  # a rollback is I/O: not on the event loop
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
@@ -47,7 +57,16 @@ _cookie = APIKeyCookie(
 )
 
 
-def current_user(
+def _released(session: Session, fn: Callable[[], T]) -> T:
+    """Run ``fn`` and end the session's transaction, so that its connection goes back to the
+    pool while the request waits for the endpoint's thread."""
+    try:
+        return fn()
+    finally:
+        session.rollback()
+
+
+async def current_user(
     request: Request,
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -55,9 +74,14 @@ def current_user(
 ) -> User:
     """The caller: by bearer token, else by session cookie (with a CSRF check on writes)."""
     if credentials is not None:
-        return authenticate_token(session, secret=credentials.credentials)
+        secret = credentials.credentials
+        return await run_in_threadpool(
+            _released, session, lambda: authenticate_token(session, secret=secret)
+        )
     if cookie:
-        login = authenticate_session(session, token=cookie)
+        login = await run_in_threadpool(
+            _released, session, lambda: authenticate_session(session, token=cookie)
+        )
         if request.method not in SAFE_METHODS:
             sent = request.headers.get(CSRF_HEADER, "")
             if not hmac.compare_digest(sent.encode(), login.session.csrf_token.encode()):
@@ -66,18 +90,20 @@ def current_user(
     raise Unauthenticated("authentication required: send 'Authorization: Bearer <token>'")
 
 
-def optional_web_login(request: Request, session: SessionDep) -> WebLogin | None:
+async def optional_web_login(request: Request, session: SessionDep) -> WebLogin | None:
     """The browser login of a page request, or None (the page redirects to /login)."""
     cookie = request.cookies.get(WEB_SESSION_COOKIE)
     if not cookie:
         return None
     try:
-        return authenticate_session(session, token=cookie)
+        return await run_in_threadpool(
+            _released, session, lambda: authenticate_session(session, token=cookie)
+        )
     except Unauthenticated:
         return None
 
 
-def admin_user(user: Annotated[User, Depends(current_user)]) -> User:
+async def admin_user(user: Annotated[User, Depends(current_user)]) -> User:
     if user.role != Role.admin:
         raise Forbidden("admin role required")
     return user

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from anyio import to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -26,6 +27,7 @@ from app.routes import (
     api_tasks,
     api_users,
     health,
+    pages_admin,
     pages_auth,
     pages_docs,
     pages_label,
@@ -49,6 +51,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Database work runs in worker threads: no more of them than pooled connections, so a
+        # thread never waits for a connection (and fewer threads contend for the GIL).
+        to_thread.current_default_thread_limiter().total_tokens = max(4, 2 * settings.db_pool_size)
         yield
         engine.dispose()
 
@@ -67,7 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for module in (health, api_projects, api_prompts, api_generation, api_users, api_tasks):
         app.include_router(module.router)
-    for module in (pages_auth, pages_label, pages_docs):
+    for module in (pages_auth, pages_label, pages_admin, pages_docs):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(SecurityHeaders)  # CSP, nosniff, referrer and framing on every response

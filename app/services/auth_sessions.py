@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import bindparam, delete, func, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -16,15 +16,40 @@ from app.errors import TooManyRequests, Unauthenticated
 from app.models import LoginFailure, User, WebSession, utcnow
 from app.security import hash_token, verify_password
 from app.services.transactions import write_transaction
+from app.services.users import user_from_row
 
 RATE_WINDOW = timedelta(minutes=1)
 FAILURE_RETENTION = timedelta(hours=1)
 
 
 @dataclass(frozen=True, slots=True)
+class SessionInfo:
+    id: int
+    csrf_token: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class WebLogin:
     user: User
-    session: WebSession
+    session: SessionInfo
+
+
+_S, _U = WebSession.__table__, User.__table__
+_SESSION_OWNER = (
+    select(
+        _S.c.id.label("session_id"),
+        _S.c.csrf_token,
+        _S.c.expires_at,
+        _U.c.id,
+        _U.c.username,
+        _U.c.role,
+        _U.c.active,
+        _U.c.created_at,
+    )
+    .join(_U, _S.c.user_id == _U.c.id)
+    .where(_S.c.token_hash == bindparam("token_hash"))
+)
 
 
 def login(
@@ -77,19 +102,19 @@ def login(
 
 def authenticate_session(session: Session, *, token: str) -> WebLogin:
     """The active user of an unexpired session cookie, or :class:`Unauthenticated`."""
-    row = session.execute(
-        select(WebSession, User)
-        .join(User, WebSession.user_id == User.id)
-        .where(WebSession.token_hash == hash_token(token))
-    ).first()
+    row = session.connection().execute(_SESSION_OWNER, {"token_hash": hash_token(token)}).first()
     if row is None:
         raise Unauthenticated("not logged in")
-    web_session, user = row
-    if web_session.expires_at <= utcnow():
+    if row.expires_at <= utcnow():
         raise Unauthenticated("session expired: log in again")
-    if not user.active:
+    if not row.active:
         raise Unauthenticated("account deactivated")
-    return WebLogin(user=user, session=web_session)
+    return WebLogin(
+        user=user_from_row(row),
+        session=SessionInfo(
+            id=row.session_id, csrf_token=row.csrf_token, expires_at=row.expires_at
+        ),
+    )
 
 
 def logout(session: Session, *, token: str) -> None:
