@@ -5,7 +5,7 @@ and the security headers every response carries.
 - **Translations** are gettext catalogs, ``app/translations/<lang>/LC_MESSAGES/messages.po``,
   compiled in memory at first use (no ``.mo`` files to keep in step). English strings are the
   message ids. Strings the page's JavaScript needs are listed in :data:`JS_MESSAGES` and handed
-  to it as a JSON catalog.
+  to it as a JSON catalog (:data:`ADMIN_JS_MESSAGES` for the admin page's script).
 - **CSRF.** Forms of a logged-in user carry the session's ``csrf_token`` (stored with the
   session row). Forms shown before login carry a *signed double-submit* token: a random nonce
   in the ``prefero_csrf`` cookie and, in the form, ``HMAC(secret key, nonce)``; a cross-site
@@ -25,6 +25,7 @@ import io
 import re
 import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,25 @@ JS_MESSAGES: tuple[str, ...] = (
 )
 """Every string ``app/static/js/label.js`` shows; ``{name}`` placeholders are filled there."""
 
+ADMIN_JS_MESSAGES: tuple[str, ...] = (
+    N_("Queued"),
+    N_("Running"),
+    N_("Succeeded"),
+    N_("Failed"),
+    N_("Cancelled"),
+    N_("{done} / {total} prompts"),
+    N_("Job {id} succeeded."),
+    N_("Job {id} failed."),
+    N_("Job {id} was cancelled."),
+    N_("Cancellation requested for job {id}: it stops after its current batch."),
+    N_("Job {id} had already finished."),
+    N_("Job {id} could not be cancelled."),
+    N_("Your session has ended; log in again."),
+    N_("Only administrators can follow and cancel jobs."),
+    N_("The server could not be reached; progress updates resume when it can be."),
+)
+"""Every string ``app/static/js/admin.js`` shows (the admin page's script)."""
+
 
 # --------------------------------------------------------------------------- translations
 
@@ -134,10 +154,11 @@ def translations(lang: str) -> gettext_module.NullTranslations:
     return _compile(TRANSLATIONS_DIR / lang / "LC_MESSAGES" / "messages.po")
 
 
-def js_catalog(lang: str) -> dict[str, str]:
-    """The JavaScript strings of :data:`JS_MESSAGES`, translated into ``lang``."""
+def js_catalog(lang: str, messages: tuple[str, ...] = JS_MESSAGES) -> dict[str, str]:
+    """A page script's strings (:data:`JS_MESSAGES` by default, or :data:`ADMIN_JS_MESSAGES`),
+    translated into ``lang``."""
     t = translations(lang)
-    return {message: t.gettext(message) for message in JS_MESSAGES}
+    return {message: t.gettext(message) for message in messages}
 
 
 _LANG_TAG = re.compile(r"^[A-Za-z]{1,8}(?:-[A-Za-z0-9]{1,8})*$|^\*$")
@@ -242,6 +263,15 @@ def static_url(path: str) -> str:
     return f"/static/{path}?v={_asset_version(path)}"
 
 
+def utc_time(value: datetime | None) -> str:
+    """A timestamp as the pages show it, ``2026-11-30 14:05:09`` (UTC); empty for None."""
+    if value is None:
+        return ""
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC)
+    return value.strftime("%Y-%m-%d %H:%M:%S")
+
+
 def make_environment() -> Environment:
     env = Environment(
         loader=FileSystemLoader(TEMPLATES_DIR),
@@ -255,6 +285,7 @@ def make_environment() -> Environment:
     env.globals["static_url"] = static_url
     env.globals["languages"] = LANGUAGES
     env.filters["markdown"] = render_markdown
+    env.filters["utc_time"] = utc_time
     return env
 
 

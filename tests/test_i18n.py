@@ -11,9 +11,18 @@ from babel.messages.frontend import parse_mapping_cfg
 from babel.messages.pofile import read_po
 
 from app.config import ROOT
-from app.web import JS_MESSAGES, LANGUAGES, TRANSLATIONS_DIR, js_catalog, translations
+from app.web import (
+    ADMIN_JS_MESSAGES,
+    JS_MESSAGES,
+    LANGUAGES,
+    TRANSLATIONS_DIR,
+    js_catalog,
+    translations,
+)
 
-LABEL_JS = ROOT / "app" / "static" / "js" / "label.js"
+JS_DIR = ROOT / "app" / "static" / "js"
+PAGE_SCRIPTS = [("label.js", JS_MESSAGES), ("admin.js", ADMIN_JS_MESSAGES)]
+"""Each page script with the strings handed to it (``app.web``)."""
 PY_FORMAT = re.compile(r"%\((\w+)\)[sd]")
 BRACE_FORMAT = re.compile(r"\{(\w+)\}")
 
@@ -76,19 +85,26 @@ def test_catalogs_compile_and_translate():
         translations("fr")
 
 
-def test_the_page_script_uses_exactly_the_js_catalog():
-    source = LABEL_JS.read_text(encoding="utf-8")
+@pytest.mark.parametrize(("script", "messages"), PAGE_SCRIPTS, ids=[s for s, _ in PAGE_SCRIPTS])
+def test_the_page_script_uses_exactly_its_js_catalog(script, messages):
+    source = (JS_DIR / script).read_text(encoding="utf-8")
     used = set(re.findall(r'\bt\(\s*"((?:[^"\\]|\\.)*)"', source))
-    assert used, 'no t("…") calls found in label.js'
-    assert used - set(JS_MESSAGES) == set(), "label.js strings missing from app.web.JS_MESSAGES"
-    unused = {m for m in JS_MESSAGES if f'"{m}"' not in source}
-    assert unused == set(), "JS_MESSAGES entries label.js never uses"
-    assert len(set(JS_MESSAGES)) == len(JS_MESSAGES)
+    assert used, f'no t("…") calls found in {script}'
+    assert used - set(messages) == set(), f"{script} strings missing from its list in app.web"
+    unused = {m for m in messages if f'"{m}"' not in source}
+    assert unused == set(), f"entries of its list in app.web that {script} never uses"
+    assert len(set(messages)) == len(messages)
 
 
-def test_js_catalog_is_complete_in_both_languages():
-    en, zh = js_catalog("en"), js_catalog("zh_CN")
-    assert set(en) == set(zh) == set(JS_MESSAGES)
-    assert all(en[m] == m for m in JS_MESSAGES)
-    translated = [m for m in JS_MESSAGES if zh[m] != m]
-    assert len(translated) == len(JS_MESSAGES), set(JS_MESSAGES) - set(translated)
+@pytest.mark.parametrize(("script", "messages"), PAGE_SCRIPTS, ids=[s for s, _ in PAGE_SCRIPTS])
+def test_js_catalog_is_complete_in_both_languages(script, messages):
+    en, zh = js_catalog("en", messages), js_catalog("zh_CN", messages)
+    assert set(en) == set(zh) == set(messages)
+    assert all(en[m] == m for m in messages)
+    translated = [m for m in messages if zh[m] != m]
+    assert len(translated) == len(messages), set(messages) - set(translated)
+
+
+def test_the_default_js_catalog_is_the_labeling_pages():
+    assert set(js_catalog("en")) == set(JS_MESSAGES)
+    assert js_catalog("zh_CN", ADMIN_JS_MESSAGES)["Queued"] == "排队中"

@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import case, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db import insert_skipping_duplicates
 from app.errors import Conflict, InvalidInput, NotFound
 from app.models import Completion, GenerationJob, JobStatus, Project, Prompt, Worker, utcnow
-from app.schemas import JobCreate
-from app.services.projects import get_project
+from app.schemas import JobCreate, ProjectDetail
+from app.services.projects import get_project, list_project_details
 from app.services.transactions import write_transaction
 
 MAX_JOB_ERRORS = 100
@@ -29,6 +29,9 @@ WORKER_ALIVE = timedelta(seconds=30)
 JOB_STALE = timedelta(seconds=120)
 """A running job without a heartbeat for this long is reclaimed by another worker."""
 FINISHED = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+UNFINISHED = (JobStatus.queued, JobStatus.running)
+MAX_OLDER_UNFINISHED = 200
+"""How many unfinished jobs older than the newest ones :func:`recent_jobs` adds, at most."""
 
 
 def completion_external_id(job_id: int, slot: int) -> str:
@@ -132,6 +135,85 @@ def pending_generation(session: Session, *, project_id: int) -> int:
         )
     )
     return sum(max(total - done, 0) for total, done in rows)
+
+
+def pending_generation_by_project(session: Session) -> dict[int, int]:
+    """:func:`pending_generation` of every project, in one query (projects with none are left
+    out)."""
+    remaining = case(
+        (GenerationJob.total > GenerationJob.done, GenerationJob.total - GenerationJob.done),
+        else_=0,
+    )
+    rows = session.execute(
+        select(GenerationJob.project_id, func.sum(remaining))
+        .where(GenerationJob.status.in_(UNFINISHED))
+        .group_by(GenerationJob.project_id)
+    )
+    return {project_id: int(n) for project_id, n in rows if n}
+
+
+@dataclass(frozen=True, slots=True)
+class JobSummary:
+    """A job with the project it belongs to."""
+
+    job: GenerationJob
+    project_slug: str
+    project_name: str
+
+    @property
+    def unfinished(self) -> bool:
+        return self.job.status in UNFINISHED
+
+
+def recent_jobs(session: Session, *, limit: int = 20) -> list[JobSummary]:
+    """The newest ``limit`` jobs of all projects, plus every older job still queued or running
+    (up to :data:`MAX_OLDER_UNFINISHED`), newest first: nothing in progress is left out."""
+    query = select(GenerationJob, Project.slug, Project.name).join(
+        Project, GenerationJob.project_id == Project.id
+    )
+    rows = list(session.execute(query.order_by(GenerationJob.id.desc()).limit(limit)))
+    if rows and len(rows) == limit:
+        rows += session.execute(
+            query.where(GenerationJob.id < rows[-1][0].id, GenerationJob.status.in_(UNFINISHED))
+            .order_by(GenerationJob.id.desc())
+            .limit(MAX_OLDER_UNFINISHED)
+        ).all()
+    return [JobSummary(job, slug, name) for job, slug, name in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectOverview:
+    project: ProjectDetail
+    pending_generation: int
+    """Prompts still waiting for generation (see :func:`pending_generation`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdminOverview:
+    """What the admin page shows: every project with its counts, the recent jobs."""
+
+    projects: list[ProjectOverview]
+    jobs: list[JobSummary]
+    live_workers: int
+
+    @property
+    def queued_jobs(self) -> int:
+        return sum(1 for j in self.jobs if j.job.status == JobStatus.queued)
+
+
+def admin_overview(session: Session, *, job_limit: int = 20) -> AdminOverview:
+    """Projects with their counts and pending generation, and the recent jobs (see
+    :func:`recent_jobs`): a fixed number of queries however many projects there are."""
+    pending = pending_generation_by_project(session)
+    projects = [
+        ProjectOverview(detail, pending.get(detail.id, 0))
+        for detail in list_project_details(session)
+    ]
+    return AdminOverview(
+        projects=projects,
+        jobs=recent_jobs(session, limit=job_limit),
+        live_workers=live_workers(session),
+    )
 
 
 # --------------------------------------------------------------------------- worker side

@@ -38,6 +38,36 @@ def list_projects(session: Session) -> list[Project]:
     return list(session.scalars(select(Project).order_by(Project.id)))
 
 
+def list_project_details(session: Session) -> list[ProjectDetail]:
+    """Every project with its counts (as :func:`project_detail`), oldest first: four queries
+    however many projects there are."""
+    projects = list_projects(session)
+    prompts = dict(
+        session.execute(select(Prompt.project_id, func.count()).group_by(Prompt.project_id)).all()
+    )
+    completions = dict(
+        session.execute(
+            select(Prompt.project_id, func.count(Completion.id))
+            .join(Completion, Completion.prompt_id == Prompt.id)
+            .group_by(Prompt.project_id)
+        ).all()
+    )
+    annotations = dict(
+        session.execute(
+            select(Annotation.project_id, func.count()).group_by(Annotation.project_id)
+        ).all()
+    )
+    return [
+        ProjectDetail(
+            **ProjectRead.model_validate(project).model_dump(),
+            prompt_count=prompts.get(project.id, 0),
+            completion_count=completions.get(project.id, 0),
+            annotation_count=annotations.get(project.id, 0),
+        )
+        for project in projects
+    ]
+
+
 def update_project(session: Session, *, slug: str, data: ProjectUpdate) -> ProjectDetail:
     """Change the given settings (omitted or null fields are left alone)."""
     write_transaction(session)

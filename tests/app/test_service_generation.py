@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import itertools
 import threading
+from contextlib import contextmanager
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from app.db import make_engine, make_session_factory
 from app.errors import Conflict, InvalidInput, NotFound
@@ -295,3 +296,98 @@ def test_pending_generation_counts_unfinished_prompts(factory):
     new_job(factory, slug)
     with factory() as s:
         assert jobs.pending_generation(s, project_id=pid) == 3
+
+
+def set_job(factory, job_id, **fields) -> None:
+    """Move a job along as a worker would (status, progress …)."""
+    with factory() as s:
+        job = s.get(GenerationJob, job_id)
+        for name, value in fields.items():
+            setattr(job, name, value)
+        s.commit()
+
+
+@contextmanager
+def statements(session):
+    """Counts the SQL statements the session sends while the block runs."""
+    seen: list[str] = []
+
+    def record(_conn, _cursor, statement, *_args):
+        seen.append(statement)
+
+    engine = session.get_bind()
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+def test_pending_generation_by_project_agrees_with_pending_generation(factory):
+    slug, pid = project_with_prompts(factory, n=4)
+    other_slug, other_pid = project_with_prompts(factory, n=2)
+    idle_slug, idle_pid = project_with_prompts(factory, n=2)
+    running = new_job(factory, slug)
+    new_job(factory, slug, prompt_ids=None)
+    set_job(factory, running, status=JobStatus.running, done=3)
+    overdone = new_job(factory, other_slug)
+    set_job(factory, overdone, status=JobStatus.running, done=5)  # never below zero
+    new_job(factory, other_slug)
+    finished = new_job(factory, idle_slug)
+    set_job(factory, finished, status=JobStatus.succeeded, done=2)
+    with factory() as s:
+        by_project = jobs.pending_generation_by_project(s)
+        for project_id in (pid, other_pid, idle_pid):
+            assert by_project.get(project_id, 0) == jobs.pending_generation(
+                s, project_id=project_id
+            )
+    assert (by_project[pid], by_project[other_pid]) == (1 + 4, 0 + 2)
+    assert idle_pid not in by_project
+
+
+def test_recent_jobs_are_the_newest_and_every_unfinished_one(factory):
+    slug, pid = project_with_prompts(factory, n=2)
+    old_running, old_done, new_a, new_b = (new_job(factory, slug) for _ in range(4))
+    set_job(factory, old_running, status=JobStatus.running, done=1)
+    set_job(factory, old_done, status=JobStatus.failed)
+    with factory() as s:
+        got = jobs.recent_jobs(s, limit=2)
+        ids = [j.job.id for j in got]
+        assert ids[:2] == [new_b, new_a]
+        assert ids == sorted(ids, reverse=True)
+        assert old_running in ids
+        assert old_done not in ids
+        assert all(j.unfinished for j in got[2:])
+        summary = got[0]
+        assert (summary.project_slug, summary.project_name, summary.job.project_id) == (
+            slug,
+            "G",
+            pid,
+        )
+        everything = [j.job.id for j in jobs.recent_jobs(s, limit=10**6)]
+        assert {old_running, old_done, new_a, new_b} <= set(everything)
+
+
+def test_admin_overview_takes_the_same_queries_for_any_number_of_projects(factory):
+    def overview_queries() -> tuple[int, jobs.AdminOverview]:
+        with factory() as s, statements(s) as seen:
+            overview = jobs.admin_overview(s, job_limit=5)
+        return len(seen), overview
+
+    slug, pid = project_with_prompts(factory, n=3)
+    job_id = new_job(factory, slug, k=2)
+    set_job(factory, job_id, status=JobStatus.running, done=1)
+    before, overview = overview_queries()
+    (mine,) = [p for p in overview.projects if p.project.id == pid]
+    assert (mine.project.prompt_count, mine.project.completion_count) == (3, 0)
+    assert mine.pending_generation == 2
+    assert any(j.job.id == job_id for j in overview.jobs)
+    assert overview.live_workers >= 0
+
+    for _ in range(4):
+        more_slug, _ = project_with_prompts(factory, n=2)
+        new_job(factory, more_slug)
+    after, overview = overview_queries()
+    assert after == before, "admin_overview must not query once per project"
+    assert len(overview.projects) >= 5
+    assert overview.queued_jobs >= 4
