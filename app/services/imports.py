@@ -19,8 +19,8 @@ from typing import IO, Any
 
 import orjson
 import psycopg
-from sqlalchemy import select
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import select, text
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from app.db import insert_skipping_duplicates
@@ -33,6 +33,8 @@ from app.services.transactions import write_transaction
 
 MAX_ERRORS = 100
 BATCH_RECORDS = 1000
+ANALYZE_AFTER_ROWS = 1000
+"""Imports writing at least this many rows refresh PostgreSQL's statistics afterwards."""
 
 
 def import_prompts(
@@ -47,7 +49,22 @@ def import_prompts(
         session.rollback()
         raise
     session.commit()
+    if result.created + result.completions_created >= ANALYZE_AFTER_ROWS:
+        _refresh_statistics(session)
     return result
+
+
+def _refresh_statistics(session: Session) -> None:
+    """Update PostgreSQL's planner statistics after a bulk load, as the documentation advises
+    ("Populating a Database"), instead of planning the task queue for an empty table until
+    autovacuum gets to it. SQLite plans without statistics; nothing to do there."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    try:
+        session.execute(text("ANALYZE prompt, completion"))
+        session.commit()
+    except OperationalError:  # a busy server: autovacuum will do it
+        session.rollback()
 
 
 def _import(session: Session, project_id: int, source: IO[bytes], max_bytes: int) -> ImportResult:

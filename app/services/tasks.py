@@ -37,7 +37,22 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, exists, func, insert, literal, or_, select, update
+from sqlalchemy import (
+    BigInteger,
+    and_,
+    any_,
+    bindparam,
+    case,
+    exists,
+    func,
+    insert,
+    literal,
+    literal_column,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -76,7 +91,8 @@ RECLAIM_INTERVAL = 1.0
 """Seconds between reclaim passes of one process, besides the pass made whenever a request
 finds no candidate (so an expired slot is never withheld from someone who needs it)."""
 _last_reclaim = 0.0
-CANDIDATE_ATTEMPTS = 5
+QUEUE_HEAD_WINDOW = 64
+"""Prompts at the head of the queue (by priority) looked at first for each request."""
 LABELS = "ABCDEFGHIJKLMNOP"
 
 _rng = random.SystemRandom()
@@ -139,24 +155,69 @@ def _visible_projects(session: Session, *, user: User) -> list[Project]:
 
 _P, _C, _L, _A, _PR = (m.__table__ for m in (Prompt, Completion, Lease, Annotation, Project))
 
+
+def _n(value: int) -> Any:
+    """A LIMIT/OFFSET written into the SQL: as a parameter, PostgreSQL's cached generic plan
+    for the prepared statement would not know it is small and may sort the whole queue."""
+    return literal_column(str(int(value)))
+
+
 _READY = exists(
-    select(literal(1)).where(_C.c.prompt_id == _P.c.id).limit(1).offset(MIN_COMPLETIONS - 1)
+    select(literal(1)).where(_C.c.prompt_id == _P.c.id).limit(_n(1)).offset(_n(MIN_COMPLETIONS - 1))
 )
-_CANDIDATE = (
-    select(_P.c.id, _P.c.messages)
-    .where(
-        _P.c.project_id == bindparam("project_id"),
-        _P.c.annotation_count < bindparam("overlap"),
-        _P.c.annotation_count + _P.c.open_leases < bindparam("overlap"),
-        ~exists().where(_L.c.prompt_id == _P.c.id, _L.c.user_id == bindparam("user_id")),
-        ~exists().where(_A.c.prompt_id == _P.c.id, _A.c.user_id == bindparam("user_id")),
-        _READY,
+_HAS_FREE_SLOT = (
+    _P.c.project_id == bindparam("project_id"),
+    _P.c.annotation_count < bindparam("overlap"),
+    _P.c.annotation_count + _P.c.open_leases < bindparam("overlap"),
+)
+# "OFFSET 0" keeps each check a per-row subplan on its unique index: PostgreSQL cannot turn
+# it into a join, whose plan would depend on statistics that a fresh or freshly imported
+# project does not have yet (a join planned for an "empty" lease table scans all of a user's
+# leases for every candidate).
+_NEW_TO_USER = (
+    ~exists(
+        select(literal(1))
+        .where(_L.c.user_id == bindparam("user_id"), _L.c.prompt_id == _P.c.id)
+        .offset(_n(0))
+    ),
+    ~exists(
+        select(literal(1))
+        .where(_A.c.prompt_id == _P.c.id, _A.c.user_id == bindparam("user_id"))
+        .offset(_n(0))
+    ),
+    _READY,
+)
+# Most-annotated first (complete sets accumulate); the queue index serves this order.
+_PRIORITY = (_P.c.annotation_count.desc(), _P.c.id.desc())
+
+
+def _candidate_query(*extra: Any) -> Any:
+    return (
+        select(_P.c.id, _P.c.messages)
+        .where(*_HAS_FREE_SLOT, *_NEW_TO_USER, *extra)
+        .order_by(*_PRIORITY)
+        .limit(_n(1))
+        .with_for_update(of=_P, key_share=True, skip_locked=True)
     )
-    # Most-annotated first (complete sets accumulate); the queue index serves this order.
-    .order_by(_P.c.annotation_count.desc(), _P.c.id.desc())
-    .limit(1)
-    .with_for_update(of=_P, key_share=True, skip_locked=True)
+
+
+# Three searches, cheapest first. A user's own started prompts rank high (they have
+# annotations), so one scan of the whole queue would step over all of them on every request:
+# instead look (1) among the prompts at the head of the queue (their ids fetched first, then
+# looked up by primary key: a plan that does not depend on statistics), (2) at prompts nobody
+# has annotated yet, and (3) only when both find nothing (the end of a project), at the whole
+# queue.
+_QUEUE_HEAD = (
+    select(_P.c.id).where(*_HAS_FREE_SLOT).order_by(*_PRIORITY).limit(_n(QUEUE_HEAD_WINDOW))
 )
+_IN_HEAD = {
+    "postgresql": _candidate_query(
+        _P.c.id == any_(bindparam("head", type_=postgresql.ARRAY(BigInteger)))
+    ),
+    "sqlite": _candidate_query(_P.c.id.in_(bindparam("head", expanding=True))),
+}
+_FRESH = _candidate_query(_P.c.annotation_count == 0)
+_ANYWHERE = _candidate_query()
 _RESUME = (
     select(_L.c.id)
     .where(
@@ -293,10 +354,9 @@ def _new_lease(session: Session, *, project: Any, user_id: int) -> Task | None:
         _last_reclaim = time.monotonic()
         reclaim_expired(session, now=now)
         reclaimed = True
-    params = {"project_id": project.id, "overlap": project.overlap, "user_id": user_id}
-    row = conn.execute(_CANDIDATE, params).first()
+    row = _find_candidate(conn, project=project, user_id=user_id)
     if row is None and not reclaimed and reclaim_expired(session, now=now):
-        row = conn.execute(_CANDIDATE, params).first()  # slots came free: look again
+        row = _find_candidate(conn, project=project, user_id=user_id)  # slots came free
     if row is None:
         session.commit()
         return None
@@ -331,6 +391,23 @@ def _new_lease(session: Session, *, project: Any, user_id: int) -> Task | None:
             TaskCompletion(id=c.id, label=LABELS[i], text=c.text) for i, c in enumerate(shown)
         ],
     )
+
+
+def _find_candidate(conn: Any, *, project: Any, user_id: int) -> Any:
+    params: dict[str, Any] = {
+        "project_id": project.id,
+        "overlap": project.overlap,
+        "user_id": user_id,
+    }
+    head = list(conn.execute(_QUEUE_HEAD, params).scalars())
+    if head:
+        in_head = _IN_HEAD.get(conn.dialect.name, _IN_HEAD["sqlite"])
+        row = conn.execute(in_head, {**params, "head": head}).first()
+        if row is not None:
+            return row
+    if len(head) < QUEUE_HEAD_WINDOW:
+        return None  # the head was the whole queue
+    return conn.execute(_FRESH, params).first() or conn.execute(_ANYWHERE, params).first()
 
 
 def _task(session: Session, *, lease: Lease) -> Task:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from app.errors import ImportRejected, NotFound, PayloadTooLarge
@@ -479,3 +479,15 @@ def test_hh_file_without_the_bad_records_imports(session, hh_lines, compress):
         0, expected_prompts, 0, expected_completions + duplicate_completions
     )
     assert row_counts(session) == after
+
+
+def test_a_bulk_import_refreshes_postgresql_statistics(session, backend):
+    """The task queue's plans need statistics: a large import runs ANALYZE afterwards."""
+    project = make_project(session)
+    records = [{"id": f"s{i}", "prompt": f"q {i}", "completions": ["a", "b"]} for i in range(600)]
+    run(session, project.slug, jsonl(*records))
+    if backend == "postgresql":
+        reltuples = session.execute(
+            text("SELECT reltuples FROM pg_class WHERE relname = 'prompt'")
+        ).scalar_one()
+        assert reltuples >= 600
