@@ -73,6 +73,7 @@ def N_(message: str) -> str:
 JS_MESSAGES: tuple[str, ...] = (
     N_("Task loaded: {k} completions, labelled {first} to {last}."),
     N_("Nothing left to label in this project for you. Thank you!"),
+    N_("Tasks are still being generated: waiting for the next one."),
     N_("{label} ranked {rank}."),
     N_("{label} tied with {other}."),
     N_("{label} is already ranked."),

@@ -49,6 +49,7 @@ def label_page(request: Request, slug: str, session: SessionDep, web: OptionalWe
         "flags": project.flags,
         "requireRationale": project.require_rationale,
         "leaseSeconds": project.lease_seconds,
+        "pendingGeneration": project.pending_generation,
         "urls": {
             "next": f"/api/v1/projects/{project.slug}/tasks/next",
             "leases": "/api/v1/leases/",

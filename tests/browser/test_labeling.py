@@ -10,7 +10,16 @@ from typing import Any
 
 from sqlalchemy import delete, select, update
 
-from app.models import AnnotationStatus, Completion, Lease, User, WebSession, utcnow
+from app.models import (
+    AnnotationStatus,
+    Completion,
+    GenerationJob,
+    Lease,
+    Prompt,
+    User,
+    WebSession,
+    utcnow,
+)
 from tests.browser.conftest import (
     ARTIFACTS,
     Live,
@@ -482,4 +491,50 @@ def test_api_docs_load_offline_under_the_csp(page, live):
     assert requested
     offsite = [u for u in requested if not u.startswith((live.url, "data:"))]
     assert offsite == []
+    assert_clean(page)
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def test_the_first_task_appears_by_itself_while_completions_are_generated(page, live):
+    """The demo's case: the annotator opens the page before the worker has generated any
+    completions. The page says tasks are being generated and shows the first one as soon as
+    it is ready, without a reload."""
+    seeded = seed(live, prompts=0)
+    with live.session() as s:
+        prompt = Prompt(
+            project_id=seeded.project_id,
+            external_id="new",
+            messages=[{"role": "user", "content": "Not generated yet?"}],
+            metadata_={},
+        )
+        s.add(prompt)
+        s.flush()
+        seeded.prompt_ids.append(prompt.id)  # no completions yet
+        s.add(
+            GenerationJob(
+                project_id=seeded.project_id,
+                backend="transformers",
+                models=["smollm2-135m-instruct"],
+                k=4,
+                total=1,
+                last_prompt_id=prompt.id,
+            )
+        )
+        s.commit()
+    login(page, seeded.username, next=f"/label/{seeded.slug}")
+    expect(page.locator("#pending-generation")).to_contain_text("1 task is still being generated")
+    expect(page.locator("#waiting")).to_be_visible()
+    expect(page.locator("#done")).to_be_hidden()
+
+    with live.session() as s:  # the worker saves the prompt's completions
+        s.add_all(
+            Completion(prompt_id=seeded.prompt_ids[0], external_id=f"g{j}", text=f"Generated {j}")
+            for j in range(4)
+        )
+        s.commit()
+    page.wait_for_selector("#task:not([hidden]) .card", timeout=15_000)
+    expect(page.locator("#waiting")).to_be_hidden()
+    assert sorted(shown_ids(page)) == ["A", "B", "C", "D"]
     assert_clean(page)

@@ -27,6 +27,7 @@
     task: byId("task"),
     loading: byId("loading"),
     done: byId("done"),
+    waiting: byId("waiting"),
     doneHeading: byId("done-heading"),
     checkAgain: byId("check-again"),
     live: byId("live"),
@@ -582,6 +583,7 @@
     render();
     el.loading.hidden = true;
     el.done.hidden = true;
+    el.waiting.hidden = true;
     el.task.hidden = false;
     el.promptHeading.focus();
     const labels = task.completions.map((c) => c.label);
@@ -594,7 +596,40 @@
     prefetch();
   }
 
+  // While the project's prompts still wait for generated completions, "nothing left" only
+  // means "not yet": wait, asking again every WAIT_POLL_MS, and show the first task that is
+  // ready (the demo's first tasks appear this way while its worker is generating).
+  const WAIT_POLL_MS = 5000;
+  let waitTimer = null;
+
+  function waitForTasks(message) {
+    state = null;
+    el.loading.hidden = true;
+    el.task.hidden = true;
+    el.done.hidden = true;
+    el.waiting.hidden = false;
+    if (waitTimer === null) {
+      byId("waiting-heading").focus();
+      const waiting = t("Tasks are still being generated: waiting for the next one.");
+      announce(message ? message + " " + waiting : waiting);
+    }
+    clearTimeout(waitTimer);
+    waitTimer = setTimeout(() => {
+      if (document.visibilityState !== "visible") return waitForTasks();
+      fetchNext([]).then(
+        (task) => {
+          if (!task) return waitForTasks();
+          waitTimer = null;
+          el.waiting.hidden = true;
+          showTask(task);
+        },
+        () => waitForTasks()
+      );
+    }, WAIT_POLL_MS);
+  }
+
   function showDone(message) {
+    if (config.pendingGeneration > 0) return waitForTasks(message);
     state = null;
     el.loading.hidden = true;
     el.task.hidden = true;
