@@ -191,11 +191,11 @@ _NEW_TO_USER = (
 _PRIORITY = (_P.c.annotation_count.desc(), _P.c.id.desc())
 
 
-def _candidate_query(*extra: Any) -> Any:
+def _candidate_query(*extra: Any, order: Any = _PRIORITY) -> Any:
     return (
         select(_P.c.id, _P.c.messages)
         .where(*_HAS_FREE_SLOT, *_NEW_TO_USER, *extra)
-        .order_by(*_PRIORITY)
+        .order_by(*order)
         .limit(_n(1))
         .with_for_update(of=_P, key_share=True, skip_locked=True)
     )
@@ -210,11 +210,15 @@ def _candidate_query(*extra: Any) -> Any:
 _QUEUE_HEAD = (
     select(_P.c.id).where(*_HAS_FREE_SLOT).order_by(*_PRIORITY).limit(_n(QUEUE_HEAD_WINDOW))
 )
+# The same order written so that no index provides it ("+ 0"): the plan must fetch the few
+# head rows by primary key and sort them, never walk the queue index filtering on the ids
+# (which a generic plan, not knowing how many ids there are, would otherwise choose).
+_HEAD_ORDER = ((_P.c.annotation_count + 0).desc(), (_P.c.id + 0).desc())
 _IN_HEAD = {
     "postgresql": _candidate_query(
-        _P.c.id == any_(bindparam("head", type_=postgresql.ARRAY(BigInteger)))
+        _P.c.id == any_(bindparam("head", type_=postgresql.ARRAY(BigInteger))), order=_HEAD_ORDER
     ),
-    "sqlite": _candidate_query(_P.c.id.in_(bindparam("head", expanding=True))),
+    "sqlite": _candidate_query(_P.c.id.in_(bindparam("head", expanding=True)), order=_HEAD_ORDER),
 }
 _FRESH = _candidate_query(_P.c.annotation_count == 0)
 _ANYWHERE = _candidate_query()
