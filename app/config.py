@@ -45,7 +45,11 @@ class Settings(BaseSettings):
         description="Largest accepted import body in bytes (compressed and uncompressed); "
         "larger requests get 413.",
     )
-    db_pool_size: int = Field(default=10, description="Connections per app process (PostgreSQL).")
+    db_pool_size: int = Field(
+        default=5,
+        description="Connections kept per app process, and the number of threads it runs "
+        "database work in.",
+    )
     db_statement_timeout_ms: int = Field(
         default=30_000,
         description="PostgreSQL statement timeout for request work, in milliseconds (0 = none).",

@@ -51,9 +51,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        # Database work runs in worker threads: no more of them than pooled connections, so a
-        # thread never waits for a connection (and fewer threads contend for the GIL).
-        to_thread.current_default_thread_limiter().total_tokens = max(4, 2 * settings.db_pool_size)
+        # Database work runs in worker threads: as many as the pool keeps connections, so a
+        # thread never waits for one, no connection is opened and closed per request (the
+        # pool's overflow), and fewer threads contend for the GIL.
+        to_thread.current_default_thread_limiter().total_tokens = max(4, settings.db_pool_size)
         yield
         engine.dispose()
 
