@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export PREFERO_DATA_DIR ?= .prefero
 
-.PHONY: demo test lint format serve migrate install dev bench bench-import bench-generate clean help
+.PHONY: demo test lint format serve migrate install dev bench bench-import bench-generate bench-annotate clean help
 
 help:
 	@echo "make demo    install into $(VENV), migrate SQLite, seed a demo project, serve on http://$(HOST):$(PORT)"
@@ -58,13 +58,16 @@ format: dev
 test: lint
 	$(PY) -m pytest
 
-bench: bench-import bench-generate
+bench: bench-import bench-generate bench-annotate
 
 bench-import: dev
 	$(PY) bench/import_bench.py
 
 bench-generate: dev
 	$(PY) bench/generate_bench.py
+
+bench-annotate: dev
+	$(PY) bench/annotate_load.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
