@@ -191,10 +191,10 @@ _NEW_TO_USER = (
 _PRIORITY = (_P.c.annotation_count.desc(), _P.c.id.desc())
 
 
-def _candidate_query(*extra: Any, order: Any = _PRIORITY) -> Any:
+def _candidate_query(*extra: Any, order: Any = _PRIORITY, slot: Any = _HAS_FREE_SLOT) -> Any:
     return (
         select(_P.c.id, _P.c.messages)
-        .where(*_HAS_FREE_SLOT, *_NEW_TO_USER, *extra)
+        .where(*slot, *_NEW_TO_USER, *extra)
         .order_by(*order)
         .limit(_n(1))
         .with_for_update(of=_P, key_share=True, skip_locked=True)
@@ -213,12 +213,20 @@ _QUEUE_HEAD = (
 # The same order written so that no index provides it ("+ 0"): the plan must fetch the few
 # head rows by primary key and sort them, never walk the queue index filtering on the ids
 # (which a generic plan, not knowing how many ids there are, would otherwise choose).
+# The free-slot re-check (on the locked row's newest version) is likewise written without an
+# indexable condition: a bitmap scan of the queue index's whole range, dead entries of the
+# constantly updated head rows included, would otherwise join the key lookups.
 _HEAD_ORDER = ((_P.c.annotation_count + 0).desc(), (_P.c.id + 0).desc())
+_HEAD_SLOT = (_P.c.annotation_count + _P.c.open_leases < bindparam("overlap"),)
 _IN_HEAD = {
     "postgresql": _candidate_query(
-        _P.c.id == any_(bindparam("head", type_=postgresql.ARRAY(BigInteger))), order=_HEAD_ORDER
+        _P.c.id == any_(bindparam("head", type_=postgresql.ARRAY(BigInteger))),
+        order=_HEAD_ORDER,
+        slot=_HEAD_SLOT,
     ),
-    "sqlite": _candidate_query(_P.c.id.in_(bindparam("head", expanding=True)), order=_HEAD_ORDER),
+    "sqlite": _candidate_query(
+        _P.c.id.in_(bindparam("head", expanding=True)), order=_HEAD_ORDER, slot=_HEAD_SLOT
+    ),
 }
 _FRESH = _candidate_query(_P.c.annotation_count == 0)
 _ANYWHERE = _candidate_query()
