@@ -108,6 +108,18 @@ def render_error(
     )
 
 
+def csrf_failed(request: Request, login: WebLogin | None) -> HTMLResponse:
+    """The 403 page for a form whose CSRF token did not verify."""
+    _ = gettext_for(request)
+    return render_error(
+        request,
+        login=login,
+        status_code=403,
+        heading=_("The form has expired"),
+        message=_("The form could not be verified. Go back, reload the page and try again."),
+    )
+
+
 def set_cookie(
     request: Request,
     response: Any,

@@ -11,7 +11,15 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from app.deps import OptionalWebUser, SessionDep
 from app.errors import Conflict, NotFound
 from app.models import Role
-from app.routes._web import form_csrf_ok, gettext_for, page_language, render, render_error, to_login
+from app.routes._web import (
+    csrf_failed,
+    form_csrf_ok,
+    gettext_for,
+    page_language,
+    render,
+    render_error,
+    to_login,
+)
 from app.schemas import MAX_ID
 from app.services import generation
 from app.services.auth_sessions import WebLogin
@@ -78,13 +86,7 @@ def cancel_job(
         return _not_admin(request, web)
     _ = gettext_for(request)
     if not form_csrf_ok(request, csrf_token, web):
-        return render_error(
-            request,
-            login=web,
-            status_code=403,
-            heading=_("The form has expired"),
-            message=_("The form could not be verified. Go back, reload the page and try again."),
-        )
+        return csrf_failed(request, web)
     try:
         generation.cancel_job(session, job_id=job_id)
     except NotFound:

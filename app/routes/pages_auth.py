@@ -10,11 +10,11 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from app.deps import WEB_SESSION_COOKIE, OptionalWebUser, SessionDep, SettingsDep
 from app.errors import TooManyRequests, Unauthenticated
 from app.routes._web import (
+    csrf_failed,
     delete_cookie,
     form_csrf_ok,
     gettext_for,
     render,
-    render_error,
     set_cookie,
 )
 from app.services import auth_sessions
@@ -23,17 +23,6 @@ from app.web import CSRF_COOKIE, LANG_COOKIE, LANG_COOKIE_MAX_AGE, LANGUAGES, sa
 router = APIRouter(include_in_schema=False)
 
 FormStr = Annotated[str, Form()]
-
-
-def _csrf_failed(request: Request, login) -> HTMLResponse:
-    _ = gettext_for(request)
-    return render_error(
-        request,
-        login=login,
-        status_code=403,
-        heading=_("The form has expired"),
-        message=_("The form could not be verified. Go back, reload the page and try again."),
-    )
 
 
 @router.get("/login", response_class=HTMLResponse)
@@ -57,7 +46,7 @@ def login_submit(
     _ = gettext_for(request)
     target = safe_next(next)
     if not form_csrf_ok(request, csrf_token, web):  # a stale tab of a logged-in user is fine
-        return _csrf_failed(request, web)
+        return csrf_failed(request, web)
     ip = request.client.host if request.client else "unknown"
     try:
         _row, secret = auth_sessions.login(
@@ -100,7 +89,7 @@ def logout_submit(
         delete_cookie(request, response, WEB_SESSION_COOKIE)
         return response
     if not form_csrf_ok(request, csrf_token, web):
-        return _csrf_failed(request, web)
+        return csrf_failed(request, web)
     auth_sessions.logout(session, token=request.cookies.get(WEB_SESSION_COOKIE, ""))
     response = RedirectResponse("/login", 303)
     delete_cookie(request, response, WEB_SESSION_COOKIE)
@@ -116,7 +105,7 @@ def set_language(
     csrf_token: FormStr = "",
 ) -> Response:
     if not form_csrf_ok(request, csrf_token, web):
-        return _csrf_failed(request, web)
+        return csrf_failed(request, web)
     response = RedirectResponse(safe_next(next), 303)
     if lang in LANGUAGES:
         set_cookie(request, response, LANG_COOKIE, lang, max_age=LANG_COOKIE_MAX_AGE)
