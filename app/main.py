@@ -21,14 +21,17 @@ from app.config import Settings, get_settings
 from app.db import engine_from_settings, make_session_factory
 from app.errors import DomainError, TooManyRequests
 from app.routes import (
+    api_exports,
     api_generation,
     api_projects,
     api_prompts,
+    api_stats,
     api_tasks,
     api_users,
     health,
     pages_admin,
     pages_auth,
+    pages_dashboard,
     pages_docs,
     pages_label,
 )
@@ -71,9 +74,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
 
-    for module in (health, api_projects, api_prompts, api_generation, api_users, api_tasks):
+    api_modules = (
+        health,
+        api_projects,
+        api_prompts,
+        api_generation,
+        api_users,
+        api_tasks,
+        api_exports,
+        api_stats,
+    )
+    for module in api_modules:
         app.include_router(module.router)
-    for module in (pages_auth, pages_label, pages_admin, pages_docs):
+    for module in (pages_auth, pages_label, pages_admin, pages_dashboard, pages_docs):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(SecurityHeaders)  # CSP, nosniff, referrer and framing on every response
