@@ -58,7 +58,7 @@ format: dev
 test: lint
 	$(PY) -m pytest
 
-bench: bench-import bench-generate bench-annotate
+bench: bench-import bench-generate bench-annotate bench-export
 
 bench-import: dev
 	$(PY) bench/import_bench.py
@@ -68,6 +68,22 @@ bench-generate: dev
 
 bench-annotate: dev
 	$(PY) bench/annotate_load.py
+
+# 250,000 annotations (K = 4) exported as 1.5 M pairs over HTTP from PostgreSQL (about 2 min)
+.PHONY: bench-export
+bench-export: dev
+	$(PY) bench/export_bench.py
+
+# prefero's reward trainer vs TRL's RewardTrainer (30+ min on 2 CPUs; see docs/benchmarks.md)
+.PHONY: bench-reward
+bench-reward: dev
+	$(PY) bench/reward_bench.py
+
+# PPO with the built-in SmolLM2-135M policy against a reward model trained on HH-RLHF
+# (tens of minutes on 2 CPUs; see docs/benchmarks.md)
+.PHONY: bench-ppo
+bench-ppo: dev
+	$(PY) bench/ppo_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, BinaryIO
 
 import typer
 from alembic import command
@@ -29,8 +29,8 @@ from app.db import engine_from_settings, make_session_factory
 from app.errors import DomainError, ImportRejected
 from app.generation.base import BUILTIN_MODEL, BackendError
 from app.models import GenerationJob, Role
-from app.schemas import GenerationParams, JobCreate, ProjectCreate
-from app.services import generation, imports, projects, users
+from app.schemas import ExportParams, GenerationParams, JobCreate, ProjectCreate
+from app.services import exports, generation, imports, projects, users
 from app.services.health import alembic_config
 from app.worker import JobRun, backend_loader, run_worker, worker_name
 from app.worker import Progress as Progress_
@@ -250,6 +250,87 @@ def import_file(
                     s, project_slug=project, source=source, max_bytes=settings.max_import_bytes
                 )
     typer.echo(json.dumps(result.model_dump()))
+
+
+@cli.command("export")
+def export_file(
+    project: Annotated[str, typer.Option(help="Project slug.")],
+    format: Annotated[str, typer.Option(help="pairs, rankings, consensus or hh.")] = "pairs",
+    out: Annotated[
+        str, typer.Option(help="Output file ('-': standard output); *.parquet writes Parquet.")
+    ] = "-",
+    file: Annotated[
+        str | None, typer.Option(help="jsonl or parquet (default: from --out's extension).")
+    ] = None,
+    split: Annotated[str, typer.Option(help="all, train or test (by prompt).")] = "all",
+    test_fraction: Annotated[float, typer.Option(help="Share of prompts in test.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of the train/test split.")] = 0,
+    ties: Annotated[str, typer.Option(help="pairs: drop, or keep (margin 0).")] = "drop",
+    min_agreement: Annotated[
+        float | None, typer.Option(help="Keep prompts whose annotators agree at least this.")
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Only annotations created after this ISO 8601 time.")
+    ] = None,
+    prompt_format: Annotated[str, typer.Option(help="auto, or chat (message lists).")] = "auto",
+) -> None:
+    """Export annotations (same service and rules as GET /api/v1/projects/SLUG/export)."""
+    kind = file or ("parquet" if out.endswith(".parquet") else "jsonl")
+    try:
+        params = ExportParams(
+            format=format,  # type: ignore[arg-type]
+            file=kind,  # type: ignore[arg-type]
+            split=split,  # type: ignore[arg-type]
+            test_fraction=test_fraction,
+            seed=seed,
+            ties=ties,  # type: ignore[arg-type]
+            min_agreement=min_agreement,
+            since=since,  # type: ignore[arg-type]
+            prompt_format=prompt_format,  # type: ignore[arg-type]
+        )
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if out == "-" and params.file == "parquet":
+        typer.echo("error: Parquet needs a file: --out FILE.parquet", err=True)
+        raise typer.Exit(2)
+    settings = get_settings()
+    started = time.monotonic()
+    with _session() as s:
+        export = exports.open_export(
+            s, project_slug=project, params=params, secret=settings.get_secret_key()
+        )
+        if out == "-":
+            stats = _write_export(export, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+        else:
+            target = Path(out)
+            part = target.with_name(target.name + ".part")  # no half-written FILE on failure
+            try:
+                with part.open("wb") as f:
+                    stats = _write_export(export, f)
+                part.replace(target)
+            finally:
+                part.unlink(missing_ok=True)
+    typer.echo(
+        f"exported {stats.rows} {params.format} rows ({stats.annotations} annotations, "
+        f"{stats.prompts} prompts) to {out} in {time.monotonic() - started:.1f} s",
+        err=True,
+    )
+
+
+def _write_export(export: exports.Export, out: BinaryIO) -> exports.ExportStats:
+    """Write the export, showing the rows written so far on a terminal's standard error."""
+    if export.params.file == "parquet" or not sys.stderr.isatty():
+        return export.write(out)
+    shown = time.monotonic()
+    for chunk in export.chunks():
+        out.write(chunk)
+        if time.monotonic() - shown >= 1.0:
+            typer.echo(f"\r{export.stats.rows:,} rows…", err=True, nl=False)
+            shown = time.monotonic()
+    typer.echo("\r", err=True, nl=False)
+    return export.stats
 
 
 @cli.command()

@@ -30,6 +30,8 @@ from app.routes import (
     api_users,
     health,
     pages_admin,
+    pages_admin_projects,
+    pages_admin_users,
     pages_auth,
     pages_dashboard,
     pages_docs,
@@ -86,7 +88,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for module in api_modules:
         app.include_router(module.router)
-    for module in (pages_auth, pages_label, pages_admin, pages_dashboard, pages_docs):
+    page_modules = (
+        pages_auth,
+        pages_label,
+        pages_admin,
+        pages_admin_projects,
+        pages_admin_users,
+        pages_dashboard,
+        pages_docs,
+    )
+    for module in page_modules:
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(SecurityHeaders)  # CSP, nosniff, referrer and framing on every response

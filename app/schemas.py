@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -214,6 +214,13 @@ class UserRead(_Orm):
     created_at: datetime
 
 
+class UserUpdate(_Strict):
+    active: bool = Field(
+        description="false deactivates the account: its browser sessions end at once and its "
+        "tokens are refused until it is reactivated (true)."
+    )
+
+
 class TokenCreate(_Strict):
     name: Text = Field("api", min_length=1, max_length=100)
 
@@ -402,3 +409,167 @@ class LabelContext(BaseModel):
     complete_count: int
     my_count: int
     pending_generation: int = Field(description="Prompts still waiting for their completions.")
+
+
+class ExportParams(_Strict):
+    """Query parameters of ``GET /api/v1/projects/{slug}/export`` (and ``prefero export``)."""
+
+    format: Literal["pairs", "rankings", "consensus", "hh"] = Field(
+        "pairs",
+        description="pairs: one row per comparison; rankings: one per annotation; consensus: "
+        "one per prompt; hh: Anthropic HH-RLHF {chosen, rejected} transcripts.",
+    )
+    file: Literal["jsonl", "parquet"] = Field(
+        "jsonl", description="jsonl (streamed, application/x-ndjson) or parquet."
+    )
+    split: Literal["all", "train", "test"] = Field(
+        "all", description="Prompts on this side of the split (by prompt id and seed)."
+    )
+    test_fraction: float = Field(0.1, ge=0.0, le=1.0, description="Share of prompts in test.")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="Seed of the train/test split.")
+    ties: Literal["drop", "keep"] = Field(
+        "drop", description="pairs only: keep adds tied pairs with margin 0 and tie true."
+    )
+    min_agreement: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Keep prompts whose annotators agree on at least this fraction of pairs; "
+        "above 0, prompts with a single annotator (no agreement) are left out.",
+    )
+    since: datetime | None = Field(
+        None, description="Only annotations created after this time (ISO 8601; UTC if naive)."
+    )
+    prompt_format: Literal["auto", "chat"] = Field(
+        "auto",
+        description="auto: prompts are strings when every prompt of the project is one user "
+        "message, else message lists; chat: always message lists.",
+    )
+
+
+# --- quality metrics (app/services/stats.py; definitions in docs/metrics.md) ----------------
+
+
+class SkipReasonCount(BaseModel):
+    reason: str | None = Field(description="Trimmed, lower-cased; null = no reason given.")
+    count: int
+
+
+class DayCount(BaseModel):
+    day: date = Field(description="UTC day the (current) annotation was recorded.")
+    submitted: int
+    skipped: int
+
+
+class ProgressStats(BaseModel):
+    prompts: int
+    complete: int = Field(description="Prompts with annotation_count ≥ overlap.")
+    in_progress: int = Field(description="Started (an annotation or an open lease), not complete.")
+    untouched: int
+    submitted: int = Field(description="Current submitted annotations.")
+    skipped: int = Field(description="Current skipped annotations.")
+    skip_rate: float | None = Field(description="skipped / (submitted + skipped).")
+    median_duration_ms: float | None = Field(description="Of current submitted annotations.")
+    skip_reasons: list[SkipReasonCount]
+    days: list[DayCount]
+
+
+class PairwiseAgreementStats(BaseModel):
+    agree: int
+    compared: int = Field(description="(annotator pair, completion pair) both ranked strictly.")
+    rate: float | None
+    ci_low: float | None
+    ci_high: float | None
+    prompts: int = Field(description="Prompts ranked by at least two annotators.")
+
+
+class AgreementStats(BaseModel):
+    pairwise: PairwiseAgreementStats
+    ranking_alpha: float | None = Field(description="Krippendorff's alpha (ordinal), ranks.")
+    likert_alpha: float | None = Field(description="Krippendorff's alpha (interval), Likert.")
+    likert_pairs: int
+    likert_exact: float | None
+    likert_within_one: float | None
+    resamples: int
+    seed: int
+
+
+class BiasStats(BaseModel):
+    first_shown_wins: int
+    first_shown_n: int
+    position_rate: float | None = Field(description="Share where the first-shown one wins.")
+    position_expected: float | None = Field(description="That share without any bias (≈ 1/K).")
+    position_p: float | None = Field(description="Two-sided binomial p-value.")
+    longer_wins: int
+    length_pairs: int
+    length_rate: float | None = Field(description="Strict pairs the longer completion won.")
+    length_p: float | None
+
+
+class AnnotatorStats(BiasStats):
+    user_id: int
+    username: str
+    pseudonym: str = Field(description="The annotator's pseudonym in exports.")
+    submitted: int
+    skipped: int
+    median_duration_ms: float | None
+    agreement_agree: int
+    agreement_compared: int
+    agreement: float | None = Field(description="Pairwise agreement with the other annotators.")
+    consensus_agree: int
+    consensus_compared: int
+    consensus: float | None = Field(description="Agreement with the others' majority (LOO).")
+    flagged: int = Field(description="Submitted annotations with at least one flag.")
+    flag_rate: float | None
+    outlier: bool
+    outlier_reasons: list[Literal["low_agreement", "position_bias"]]
+
+
+class ModelStats(BaseModel):
+    model: str
+    rank: int
+    strength: float = Field(description="Bradley–Terry log-strength (mean 0 over the models).")
+    ci_low: float | None
+    ci_high: float | None
+    wins: int
+    comparisons: int
+    win_rate: float | None
+
+
+class ModelPairStats(BaseModel):
+    model: str
+    opponent: str
+    wins: int
+    losses: int
+    win_rate: float | None
+
+
+class FlagCount(BaseModel):
+    flag: str
+    count: int
+
+
+class OutlierRule(BaseModel):
+    mads: float
+    mad_floor: float
+    min_pairs: int
+    min_annotators: int
+    bias_p: float
+    median: float | None = Field(description="Median consensus agreement of eligible annotators.")
+    threshold: float | None = Field(description="Below this consensus agreement: an outlier.")
+
+
+class ProjectStats(BaseModel):
+    slug: str
+    name: str
+    completions_per_task: int
+    overlap: int
+    generated_at: datetime
+    progress: ProgressStats
+    agreement: AgreementStats
+    bias: BiasStats
+    annotators: list[AnnotatorStats]
+    models: list[ModelStats]
+    model_pairs: list[ModelPairStats]
+    flags: list[FlagCount]
+    outlier_rule: OutlierRule

@@ -12,6 +12,10 @@ from app.config import ROOT
 LAYER = {
     "config": 0,
     "errors": 0,
+    "ranking": 0,
+    "exporting": 0,
+    "metrics": 0,
+    "charts": 0,
     "security": 0,
     "db": 1,
     "models": 2,

@@ -9,10 +9,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request, status
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
-from starlette.types import Message
 
 from app.deps import AdminUser, SessionDep, SettingsDep
-from app.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from app.errors import InvalidInput, UnsupportedMediaType
+from app.routes._uploads import declared_too_large, limited, too_large
 from app.schemas import MAX_ID, ImportResult, PromptDetail, PromptPage
 from app.services import imports, projects, prompts
 
@@ -60,22 +60,6 @@ IMPORT_BODY: dict[str, Any] = {
 }
 
 
-def _limited(request: Request, limit: int) -> Request:
-    """The same request, whose body raises 413 once more than ``limit`` bytes arrived."""
-    received = 0
-
-    async def receive() -> Message:
-        nonlocal received
-        message = await request.receive()
-        if message["type"] == "http.request":
-            received += len(message.get("body", b""))
-            if received > limit:
-                raise PayloadTooLarge(f"the upload is larger than the limit of {limit} bytes")
-        return message
-
-    return Request(request.scope, receive)
-
-
 async def _spool(chunks: AsyncIterator[bytes]) -> Any:
     spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY)  # noqa: SIM115
     async for chunk in chunks:
@@ -95,12 +79,11 @@ async def import_prompts(
     slug: str, request: Request, session: SessionDep, settings: SettingsDep, _: AdminUser
 ) -> ImportResult:
     limit = settings.max_import_bytes
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise PayloadTooLarge(f"the upload is larger than the limit of {limit} bytes")
+    if declared_too_large(request, limit):
+        raise too_large(limit)
     # Answer 404 before reading a large body for a project that does not exist.
     await run_in_threadpool(projects.get_project, session, slug=slug)
-    body = _limited(request, limit)
+    body = limited(request, limit)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         form = await body.form(max_files=1, max_fields=10)

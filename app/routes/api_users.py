@@ -7,7 +7,15 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Response, status
 
 from app.deps import AdminUser, SessionDep
-from app.schemas import MAX_ID, TokenCreate, TokenCreated, TokenRead, UserCreate, UserRead
+from app.schemas import (
+    MAX_ID,
+    TokenCreate,
+    TokenCreated,
+    TokenRead,
+    UserCreate,
+    UserRead,
+    UserUpdate,
+)
 from app.services import users
 
 router = APIRouter(prefix="/api/v1", tags=["users"])
@@ -23,6 +31,12 @@ def create_user(data: UserCreate, session: SessionDep, _: AdminUser) -> UserRead
 @router.get("/users", response_model=list[UserRead])
 def list_users(session: SessionDep, _: AdminUser) -> list[UserRead]:
     return users.list_users(session)
+
+
+@router.patch("/users/{username}", response_model=UserRead)
+def update_user(username: str, data: UserUpdate, session: SessionDep, admin: AdminUser) -> UserRead:
+    """Deactivate or reactivate an account (an admin cannot deactivate itself: 409)."""
+    return users.set_user_active(session, username=username, active=data.active, actor_id=admin.id)
 
 
 @router.get("/users/{username}/tokens", response_model=list[TokenRead])

@@ -1,5 +1,6 @@
-"""The admin page: every project with its counts, and the generation jobs with their progress
-(followed live by ``app/static/js/admin.js`` through the jobs API in ``api_generation``)."""
+"""The admin page: every project with its counts (each linking to its page in
+``pages_admin_projects``), and the generation jobs with their progress (followed live by
+``app/static/js/admin.js`` through the jobs API in ``api_generation``)."""
 
 from __future__ import annotations
 
@@ -11,18 +12,17 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from app.deps import OptionalWebUser, SessionDep
 from app.errors import Conflict, NotFound
 from app.models import Role
+from app.routes._admin import not_admin, render_admin
 from app.routes._web import (
     csrf_failed,
     form_csrf_ok,
     gettext_for,
     page_language,
-    render,
     render_error,
     to_login,
 )
 from app.schemas import MAX_ID
 from app.services import generation
-from app.services.auth_sessions import WebLogin
 from app.web import ADMIN_JS_MESSAGES, js_catalog
 
 router = APIRouter(include_in_schema=False)
@@ -34,23 +34,12 @@ POLL_MS = 2000
 JobId = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 
-def _not_admin(request: Request, login: WebLogin) -> HTMLResponse:
-    _ = gettext_for(request)
-    return render_error(
-        request,
-        login=login,
-        status_code=403,
-        heading=_("Administrators only"),
-        message=_("This page is for administrators. Ask one to give you the admin role."),
-    )
-
-
 @router.get("/admin", response_class=HTMLResponse)
 def admin_page(request: Request, session: SessionDep, web: OptionalWebUser) -> Response:
     if web is None:
         return to_login(request)
     if web.user.role != Role.admin:
-        return _not_admin(request, web)
+        return not_admin(request, web)
     overview = generation.admin_overview(session, job_limit=JOB_LIMIT)
     config = {
         "pollMs": POLL_MS,
@@ -60,7 +49,7 @@ def admin_page(request: Request, session: SessionDep, web: OptionalWebUser) -> R
             "cancel": "/api/v1/jobs/{id}/cancel",
         },
     }
-    return render(
+    return render_admin(
         request,
         "admin/home.html",
         login=web,
@@ -83,7 +72,7 @@ def cancel_job(
     if web is None:
         return RedirectResponse("/login?next=/admin", 303)
     if web.user.role != Role.admin:
-        return _not_admin(request, web)
+        return not_admin(request, web)
     _ = gettext_for(request)
     if not form_csrf_ok(request, csrf_token, web):
         return csrf_failed(request, web)

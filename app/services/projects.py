@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, NotFound
-from app.models import Annotation, Completion, Project, Prompt
+from app.models import Annotation, Completion, Project, ProjectMember, Prompt, User
 from app.schemas import ProjectCreate, ProjectDetail, ProjectRead, ProjectUpdate
 from app.services.transactions import write_transaction
 
@@ -95,3 +97,22 @@ def project_detail(session: Session, *, slug: str) -> ProjectDetail:
         completion_count=completions or 0,
         annotation_count=annotations or 0,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectPage:
+    """What the admin page of a project shows: its settings and counts, and its members."""
+
+    project: ProjectDetail
+    members: list[str]
+
+
+def project_page(session: Session, *, slug: str) -> ProjectPage:
+    detail = project_detail(session, slug=slug)
+    members = session.scalars(
+        select(User.username)
+        .join(ProjectMember, ProjectMember.user_id == User.id)
+        .where(ProjectMember.project_id == detail.id)
+        .order_by(User.username)
+    )
+    return ProjectPage(project=detail, members=list(members))

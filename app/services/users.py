@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, NotFound, Unauthenticated
-from app.models import ApiToken, Role, User, utcnow
+from app.models import ApiToken, Role, User, WebSession, utcnow
 from app.security import hash_password, hash_token, new_token
 from app.services.transactions import write_transaction
 
@@ -121,3 +122,80 @@ def list_tokens(session: Session, *, username: str) -> list[ApiToken]:
     user = get_user(session, username=username)
     query = select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id)
     return list(session.scalars(query))
+
+
+# --------------------------------------------------------------------------- admin pages
+
+
+@dataclass(frozen=True, slots=True)
+class UserSummary:
+    """A user as the admin pages list it: with its unrevoked tokens and live browser sessions."""
+
+    user: User
+    active_tokens: int
+    web_sessions: int
+
+
+def list_user_summaries(session: Session) -> list[UserSummary]:
+    """Every user with its counts, oldest first (three queries however many users)."""
+    users = list_users(session)
+    tokens = dict(
+        session.execute(
+            select(ApiToken.user_id, func.count())
+            .where(ApiToken.revoked_at.is_(None))
+            .group_by(ApiToken.user_id)
+        ).all()
+    )
+    sessions = dict(
+        session.execute(
+            select(WebSession.user_id, func.count())
+            .where(WebSession.expires_at > utcnow())
+            .group_by(WebSession.user_id)
+        ).all()
+    )
+    return [UserSummary(u, tokens.get(u.id, 0), sessions.get(u.id, 0)) for u in users]
+
+
+def user_with_tokens(session: Session, *, username: str) -> tuple[User, list[ApiToken]]:
+    """The user and all its tokens (revoked ones too), oldest first."""
+    user = get_user(session, username=username)
+    query = select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id)
+    return user, list(session.scalars(query))
+
+
+def set_user_active(
+    session: Session, *, username: str, active: bool, actor_id: int | None = None
+) -> User:
+    """Deactivate or reactivate an account. Deactivating ends its browser sessions at once
+    (their rows are deleted); its tokens stay but are refused while it is inactive, and so is
+    logging in. ``actor_id``, the user making the change, may not deactivate itself."""
+    write_transaction(session)
+    user = session.scalar(select(User).where(User.username == username))
+    if user is None:
+        session.rollback()
+        raise NotFound(f"user {username!r} not found")
+    if not active and actor_id is not None and user.id == actor_id:
+        session.rollback()
+        raise Conflict("you cannot deactivate your own account")
+    user.active = active
+    if not active:
+        session.execute(delete(WebSession).where(WebSession.user_id == user.id))
+    session.commit()
+    return user
+
+
+def revoke_user_token(session: Session, *, username: str, token_id: int) -> ApiToken:
+    """Revoke ``username``'s token ``token_id`` (:class:`NotFound` if it is not theirs)."""
+    write_transaction(session)
+    token = session.scalar(
+        select(ApiToken)
+        .join(User, ApiToken.user_id == User.id)
+        .where(ApiToken.id == token_id, User.username == username)
+    )
+    if token is None:
+        session.rollback()
+        raise NotFound(f"user {username!r} has no token {token_id}")
+    if token.revoked_at is None:
+        token.revoked_at = utcnow()
+    session.commit()
+    return token

@@ -104,3 +104,47 @@ def test_deactivated_user_token_is_rejected(client, session):
     r = client.get("/api/v1/projects", headers=auth(secret))
     assert r.status_code == 401
     assert r.headers["www-authenticate"] == "Bearer"
+
+
+def test_patch_deactivates_and_reactivates_a_user(client, session):
+    from app.models import WebSession
+    from tests.app.test_pages import log_in
+
+    h = make_admin_headers(session)
+    user = make_user(session, username="leaver")
+    secret = make_token(session, user)
+    assert log_in(client, "leaver").status_code == 303
+    assert count(session, WebSession) == 1
+    next_task = "/api/v1/projects/none/tasks/next"
+    assert client.get(next_task, headers=auth(secret)).status_code == 404
+
+    r = client.patch("/api/v1/users/leaver", json={"active": False}, headers=h)
+    assert r.status_code == 200, r.text
+    assert r.json()["active"] is False
+    assert r.json()["username"] == "leaver"
+    assert count(session, WebSession) == 0  # the browser session ended
+    r = client.get(next_task, headers=auth(secret))
+    assert r.status_code == 401
+    assert r.json()["detail"] == "account deactivated"
+    assert client.get("/label", follow_redirects=False).status_code == 303  # to /login
+
+    r = client.patch("/api/v1/users/leaver", json={"active": True}, headers=h)
+    assert r.json()["active"] is True
+    assert client.get(next_task, headers=auth(secret)).status_code == 404
+
+
+def test_patch_refuses_bad_input_unknown_users_and_self_deactivation(client, session):
+    admin = make_user(session, role=Role.admin, username="boss")
+    h = auth(make_token(session, admin))
+    make_user(session, username="someone")
+    for bad in ({}, {"active": "maybe"}, {"active": False, "role": "admin"}):
+        r = client.patch("/api/v1/users/someone", json=bad, headers=h)
+        assert r.status_code == 422, bad
+    assert (
+        client.patch("/api/v1/users/nobody", json={"active": False}, headers=h).status_code == 404
+    )
+    r = client.patch("/api/v1/users/boss", json={"active": False}, headers=h)
+    assert r.status_code == 409
+    assert "your own account" in r.json()["detail"]
+    session.expire_all()
+    assert session.get(User, admin.id).active is True

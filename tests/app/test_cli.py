@@ -185,3 +185,49 @@ def test_generate_runs_in_the_foreground_without_a_worker(cli_env, tmp_path):
     failed = run("generate", "--project", "g", "--model", str(tmp_path / "missing"), code=1)
     assert "failed" in failed.stdout
     assert "cannot load model" in failed.stdout
+
+
+def test_export_writes_jsonl_parquet_and_stdout(cli_env, tmp_path):
+    from sqlalchemy.orm import Session
+
+    from app.models import Prompt
+    from tests.factories import make_annotation, make_user
+
+    run("db", "upgrade")
+    run("projects", "create", "--slug", "ex", "--name", "Ex", "--k", "3")
+    data = tmp_path / "p.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"id": f"p{i}", "prompt": f"Q{i}", "completions": ["a", "b", "c"]}) + "\n"
+            for i in range(4)
+        )
+    )
+    run("import", str(data), "--project", "ex")
+    engine = sa.create_engine(cli_env)
+    try:
+        with Session(engine, expire_on_commit=False) as s:
+            user = make_user(s)
+            for prompt in s.scalars(sa.select(Prompt).order_by(Prompt.id)).all():
+                make_annotation(s, prompt, user)
+    finally:
+        engine.dispose()
+    out = tmp_path / "pairs.jsonl"
+    result = run("export", "--project", "ex", "--out", str(out))
+    assert "exported 12 pairs rows (4 annotations, 4 prompts)" in result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 12
+    assert rows[0]["prompt"] == "Q0"
+    assert not (tmp_path / "pairs.jsonl.part").exists()
+    stdout = run("export", "--project", "ex", "--format", "rankings").stdout
+    assert len(stdout.splitlines()) == 4
+    pq = pytest.importorskip("pyarrow.parquet")
+    run("export", "--project", "ex", "--out", str(tmp_path / "x.parquet"), "--split", "train")
+    train = pq.read_table(tmp_path / "x.parquet").num_rows
+    run("export", "--project", "ex", "--out", str(tmp_path / "y.parquet"), "--split", "test")
+    assert train + pq.read_table(tmp_path / "y.parquet").num_rows == 12
+    assert "format" in run("export", "--project", "ex", "--format", "csv", code=2).stderr
+    assert (
+        "Parquet needs a file"
+        in run("export", "--project", "ex", "--file", "parquet", code=2).stderr
+    )
+    assert "'nope' not found" in run("export", "--project", "nope", code=1).stderr

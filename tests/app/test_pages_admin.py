@@ -323,3 +323,36 @@ def test_cancel_through_the_json_api_with_the_session_cookie(client, session, st
     assert project == job.project_id
     again = client.post(url, headers={"X-CSRF-Token": csrf}).status_code
     assert again == (409 if status == JobStatus.queued else 200)
+
+
+# --------------------------------------------------------------------------- flash messages
+
+
+def test_flash_messages_are_signed_shown_once_and_escaped(client, session):
+    import base64
+
+    from app.routes._admin import FLASH_COOKIE
+
+    admin_client(client, session)
+    csrf = page_csrf(client.get("/admin/users").text)
+    r = client.post(
+        "/admin/users",
+        data={"csrf_token": csrf, "username": "new.user", "role": "annotator"},
+        follow_redirects=False,
+    )
+    cookie = r.cookies.get(FLASH_COOKIE) or client.cookies.get(FLASH_COOKIE)
+    assert cookie
+    set_cookie = r.headers["set-cookie"]
+    assert "HttpOnly" in set_cookie
+    assert "SameSite=lax" in set_cookie
+    page = client.get("/admin")
+    assert "User “new.user” created." in page.text
+    assert FLASH_COOKIE not in client.cookies  # deleted once shown
+    assert 'class="flash"' not in client.get("/admin").text
+
+    # A forged cookie (unsigned, or signed for another message) shows nothing.
+    payload = base64.urlsafe_b64encode(b'{"k":"user-created","p":{"username":"<i>x</i>"}}')
+    for forged in (payload.decode().rstrip("=") + ".bad", "garbage", cookie + "x"):
+        client.cookies.set(FLASH_COOKIE, forged)
+        page = client.get("/admin").text
+        assert 'class="flash"' not in page

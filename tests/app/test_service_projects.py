@@ -50,3 +50,17 @@ def test_list_project_details_needs_four_queries_however_many_projects(session):
     many, details = count_statements(session, lambda: projects.list_project_details(session))
     assert few == many == 4
     assert len(details) >= 6
+
+
+def test_project_page_has_the_detail_and_the_members(session):
+    from app.services import members
+
+    project = make_project(session, members_only=True)
+    for name in ("zoe", "adam"):
+        make_user(session, username=name)
+    make_user(session, username="outsider")
+    members.add_members(session, slug=project.slug, usernames=["zoe", "adam"])
+    page = projects.project_page(session, slug=project.slug)
+    assert page.project == projects.project_detail(session, slug=project.slug)
+    assert page.members == ["adam", "zoe"]
+    assert projects.project_page(session, slug=make_project(session).slug).members == []

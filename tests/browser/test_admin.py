@@ -5,11 +5,20 @@ JSON API; and the page is usable at 360 px."""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
 from app.models import GenerationJob, JobStatus, Project, Role, utcnow
-from tests.browser.conftest import ARTIFACTS, Live, csp_violations, expect, login, seed
+from tests.browser.conftest import (
+    ARTIFACTS,
+    Live,
+    csp_violations,
+    expect,
+    login,
+    project_of,
+    seed,
+)
 
 
 def add_job(live: Live, project_id: int, **fields: Any) -> int:
@@ -193,3 +202,152 @@ def test_admin_page_at_360_px_and_in_chinese(new_context, live):
 NO_HORIZONTAL_SCROLL = (
     "document.documentElement.scrollWidth <= document.documentElement.clientWidth"
 )
+
+
+# --------------------------------------------------------------------------- project pages
+
+
+def bad_then_good_files() -> tuple[bytes, bytes]:
+    good = [
+        {
+            "id": f"q{i}",
+            "prompt": f"Browser question {i}?\n  (indented)",
+            "completions": [{"id": f"c{j}", "text": f"Answer <{j}> to {i}"} for j in range(3)],
+        }
+        for i in range(3)
+    ]
+    lines = [json.dumps(r) for r in good]
+    bad = "\n".join([lines[0], "{broken json", json.dumps({"id": "x", "completions": []})])
+    return bad.encode() + b"\n", "\n".join(lines).encode() + b"\n"
+
+
+def test_create_a_project_import_files_and_browse_prompts(page, live):
+    seeded = seed(live, role=Role.admin, k=2, prompts=0)
+    slug = f"{live.kind[:2]}-made-{seeded.project_id}"
+    login(page, seeded.username, next="/admin")
+    page.get_by_role("link", name="New project").click()
+    page.wait_for_url("**/admin/new-project")
+
+    # Invalid values: the form comes back with the problems next to the fields.
+    page.fill("#name", "Made in the browser")
+    page.fill("#slug", slug)
+    page.fill("#completions_per_task", "12")
+    page.fill("#guidelines", "# Be kind\n\nRank the **most helpful** first.")
+    page.get_by_role("button", name="Create project").click()
+    expect(page.locator("#completions_per_task-error")).to_have_text("Must be at most 9.")
+    expect(page.locator("#completions_per_task")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#name")).to_have_value("Made in the browser")  # kept
+
+    # The preview renders the Markdown without creating anything.
+    page.fill("#completions_per_task", "3")
+    page.get_by_role("button", name="Preview guidelines").click()
+    expect(page.locator("#preview h1")).to_have_text("Be kind")
+    expect(page.locator("#preview strong")).to_have_text("most helpful")
+
+    page.get_by_role("button", name="Create project").click()
+    page.wait_for_url(f"**/admin/projects/{slug}")
+    expect(page.locator("#flash")).to_contain_text("Made in the browser")
+    assert project_of(live, slug).completions_per_task == 3
+
+    # A file with errors: the problems listed by line, nothing imported.
+    bad, good = bad_then_good_files()
+    page.set_input_files(
+        "#file", {"name": "bad.jsonl", "mimeType": "application/x-ndjson", "buffer": bad}
+    )
+    page.get_by_role("button", name="Import", exact=True).click()
+    errors = page.locator("#import-errors")
+    expect(errors).to_contain_text("Nothing was written.")
+    expect(errors.locator("tbody tr").first.locator("td").first).to_have_text("2")
+    expect(errors.locator("tbody tr").nth(1).locator("td").first).to_have_text("3")
+    expect(page.locator("#prompt-count")).to_have_text("0")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"admin-import-errors-{live.kind}.png"), full_page=True)
+
+    # The good file: a summary, the counts updated.
+    page.set_input_files(
+        "#file", {"name": "good.jsonl", "mimeType": "application/x-ndjson", "buffer": good}
+    )
+    page.get_by_role("button", name="Import", exact=True).click()
+    expect(page.locator("#flash")).to_have_text(
+        "Import finished: 3 prompts created, 0 already present; "
+        "9 completions added, 0 already present."
+    )
+    expect(page.locator("#prompt-count")).to_have_text("3")
+    expect(page.locator("#import-errors")).to_have_count(0)
+
+    # Browse the prompts, open one: its completions, text escaped with whitespace kept.
+    page.get_by_role("link", name="Browse prompts").click()
+    page.wait_for_url(f"**/admin/projects/{slug}/prompts")
+    expect(page.locator("#prompts tbody tr")).to_have_count(3)
+    page.get_by_role("link", name=re.compile(r"^Browser question 1\?")).click()
+    expect(page.locator("h1")).to_have_text("Prompt q1")
+    texts = page.locator(".completion-text")
+    expect(texts).to_have_count(3)
+    expect(texts.first).to_have_text("Answer <0> to 1")
+    message = page.locator(".message.user .text-block")
+    assert message.inner_text() == "Browser question 1?\n  (indented)"
+    page.screenshot(path=str(ARTIFACTS / f"admin-prompt-{live.kind}.png"), full_page=True)
+    assert csp_violations(page) == []
+    assert page.context.dialogs == []
+
+
+def test_project_page_at_360_px(new_context, live):
+    seeded = seed(live, role=Role.admin, k=2, prompts=1)
+    page = new_context(viewport={"width": 360, "height": 740}, has_touch=True).new_page()
+    login(page, seeded.username, next=f"/admin/projects/{seeded.slug}")
+    expect(page.get_by_role("heading", name="Import prompts")).to_be_visible()
+    assert page.evaluate(NO_HORIZONTAL_SCROLL)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"admin-project-360-{live.kind}.png"), full_page=True)
+    page.goto("/admin/users")
+    assert page.evaluate(NO_HORIZONTAL_SCROLL)
+    assert csp_violations(page) == []
+
+
+# --------------------------------------------------------------------------- users, tokens
+
+
+def test_deactivate_a_user_ends_their_session_and_tokens_are_created_and_revoked(new_context, live):
+    admin = seed(live, role=Role.admin, k=2, prompts=1)
+    annotator = seed(live, k=2, prompts=1)
+    theirs = new_context().new_page()
+    login(theirs, annotator.username, next="/label")
+
+    page = new_context().new_page()
+    login(page, admin.username, next="/admin")
+    page.get_by_role("link", name="Users and tokens").click()
+    page.wait_for_url("**/admin/users")
+    row = page.locator(f"#user-{annotator.username}")
+    expect(row.locator("[data-field=web_sessions]")).to_have_text("1")
+    row.get_by_role("button", name=f"Deactivate {annotator.username}").click()
+    expect(page.locator("#flash")).to_contain_text("is deactivated")
+    expect(row.locator("[data-field=status]")).to_have_text("Deactivated")
+    expect(row.locator("[data-field=web_sessions]")).to_have_text("0")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"admin-users-{live.kind}.png"), full_page=True)
+
+    # Their open page: the next navigation lands on the login page.
+    theirs.reload()
+    theirs.wait_for_url("**/login?next=/label")
+
+    row.get_by_role("button", name=f"Reactivate {annotator.username}").click()
+    expect(row.locator("[data-field=status]")).to_have_text("Active")
+
+    # A token for them: shown once, it works; revoked, it does not.
+    row.get_by_role("link", name=re.compile("^Tokens")).click()
+    page.wait_for_url(f"**/admin/users/{annotator.username}")
+    page.fill("#token-name", "browser test")
+    page.get_by_role("button", name="Create token").click()
+    secret = page.locator("#token-secret").input_value()
+    assert secret
+    page.screenshot(path=str(ARTIFACTS / f"admin-token-{live.kind}.png"), full_page=True)
+    api = page.context.request  # no cookie needed: the bearer token authenticates
+    url = f"/api/v1/projects/{annotator.slug}/tasks/next"
+    assert api.get(url, headers={"Authorization": f"Bearer {secret}"}).status in (200, 204)
+    page.get_by_role("button", name=re.compile(r"^Revoke token browser test")).click()
+    expect(page.locator("#flash")).to_have_text("Token “browser test” revoked: it no longer works.")
+    assert api.get(url, headers={"Authorization": f"Bearer {secret}"}).status == 401
+    page.goto(f"/admin/users/{annotator.username}")
+    expect(page.locator("#token-secret")).to_have_count(0)  # never shown again
+    assert csp_violations(page) == []
+    assert page.context.dialogs == []
