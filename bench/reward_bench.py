@@ -22,9 +22,10 @@ and of three other rows, ranked by a fixed rule): prefero trains on the rankings
 completion scored once, six comparisons per ranking) and TRL on the same rankings expanded
 to their six pairs. Throughput is comparisons (pairs) per second.
 
-Goals (exit status 1 when one fails): on MiniLM, test accuracy ≥ TRL's + 2 points, no pair
-dropped, ≥ 1.5× TRL's training pairs/s; K = 4 comparisons/s ≥ 2.5× TRL's. SmolLM2 figures
-are reported without goals (a few hundred pairs are too few for an accuracy goal).
+Goals (exit status 1 when one fails), for each backbone run with both trainers: test accuracy
+≥ TRL's + 2 points, no pair dropped, ≥ 1.5× TRL's training pairs/s; K = 4 comparisons/s ≥
+2.5× TRL's. (On a few hundred SmolLM2 pairs one standard error of an accuracy is about 4
+points: read its accuracy goal with that in mind.)
 """
 
 from __future__ import annotations
@@ -291,13 +292,13 @@ def main(argv=None) -> int:
             f"speed {row['speedup']:.2f}× TRL"
         )
         results["hh"][name] = row
-        if name == "minilm":
-            if row["accuracy_gain_points"] < 2.0:
-                failures.append(f"minilm accuracy +{row['accuracy_gain_points']:.1f} < +2 points")
-            if p["pairs_dropped"]:
-                failures.append(f"prefero dropped {p['pairs_dropped']} pairs")
-            if row["speedup"] < 1.5:
-                failures.append(f"minilm speed {row['speedup']:.2f}× < 1.5×")
+        # The issue's goals hold for every backbone compared (same split, same budget).
+        if row["accuracy_gain_points"] < 2.0:
+            failures.append(f"{name} accuracy {row['accuracy_gain_points']:+.1f} < +2 points")
+        if p["pairs_dropped"]:
+            failures.append(f"{name}: prefero dropped {p['pairs_dropped']} pairs")
+        if row["speedup"] < 1.5:
+            failures.append(f"{name} speed {row['speedup']:.2f}× < 1.5×")
 
     if not k4_done:
         run_k4(dataset, test_all, args, tmp, results, failures)
