@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import orjson
+import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 
@@ -96,7 +97,6 @@ def test_other_formats(client, h, data, fmt):
 
 
 def test_parquet(client, h, data):
-    pq = pytest.importorskip("pyarrow.parquet")
     project = data[0]
     r = client.get(url(project.slug), params={"file": "parquet"}, headers=h)
     assert r.status_code == 200

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
@@ -220,7 +221,6 @@ def test_export_writes_jsonl_parquet_and_stdout(cli_env, tmp_path):
     assert not (tmp_path / "pairs.jsonl.part").exists()
     stdout = run("export", "--project", "ex", "--format", "rankings").stdout
     assert len(stdout.splitlines()) == 4
-    pq = pytest.importorskip("pyarrow.parquet")
     run("export", "--project", "ex", "--out", str(tmp_path / "x.parquet"), "--split", "train")
     train = pq.read_table(tmp_path / "x.parquet").num_rows
     run("export", "--project", "ex", "--out", str(tmp_path / "y.parquet"), "--split", "test")

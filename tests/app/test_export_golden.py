@@ -18,6 +18,7 @@ import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import datasets
 import orjson
 import pytest
 from sqlalchemy.orm import Session
@@ -360,7 +361,6 @@ def test_golden_pairs_contents() -> None:
 def test_golden_pairs_load_with_datasets(name: str, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    datasets = pytest.importorskip("datasets")
     ds = datasets.load_dataset(
         "json", data_files=str(FIXTURES / name), split="train", cache_dir=str(tmp_path / "c")
     )

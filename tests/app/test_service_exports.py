@@ -9,6 +9,7 @@ from itertools import combinations
 from typing import Any
 
 import orjson
+import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -382,7 +383,6 @@ def test_unknown_project_and_bad_combinations(session):
 def test_empty_project_exports_nothing(session):
     project = make_project(session)
     assert export_bytes(session, project.slug) == b""
-    pq = pytest.importorskip("pyarrow.parquet")
     data = export_bytes(session, project.slug, file="parquet")
     assert pq.read_table(io.BytesIO(data)).num_rows == 0
 
@@ -453,7 +453,6 @@ def _plain(value: Any) -> Any:
 @pytest.mark.parametrize("fmt", ["pairs", "rankings", "consensus", "hh"])
 @pytest.mark.parametrize("chat", [False, True])
 def test_parquet_round_trip_equals_jsonl(session, k4, fmt, chat):
-    pq = pytest.importorskip("pyarrow.parquet")
     project, prompts, _ = k4
     p = prompts[1]
     make_annotation(
@@ -475,7 +474,6 @@ def test_parquet_round_trip_equals_jsonl(session, k4, fmt, chat):
 
 
 def test_parquet_rows_come_in_row_groups(session, monkeypatch):
-    pq = pytest.importorskip("pyarrow.parquet")
     monkeypatch.setattr(exports, "PARQUET_ROWS", 5)
     project, _ = make_many(session, 12)
     meta = pq.ParquetFile(io.BytesIO(export_bytes(session, project.slug, file="parquet"))).metadata
