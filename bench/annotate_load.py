@@ -80,7 +80,6 @@ import platform
 import random
 import secrets
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -103,6 +102,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from _support import free_port, libpq, prefero_command  # noqa: E402
+
 from app.db import make_engine  # noqa: E402
 from app.models import ApiToken, Project, Role, User  # noqa: E402
 from app.security import hash_token, new_token  # noqa: E402
@@ -119,36 +120,6 @@ PYSPY_ARGS = ["--rate", "100", "--nonblocking", "--gil", "--format", "raw"]
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _libpq(sqlalchemy_url: str) -> str:
-    """A libpq connection string from a SQLAlchemy ``postgresql+psycopg://`` URL."""
-    url = make_url(sqlalchemy_url)
-    parts = {
-        "host": url.host or "127.0.0.1",
-        "port": str(url.port or 5432),
-        "user": url.username or "postgres",
-        "dbname": url.database or "postgres",
-    }
-    if url.password:
-        parts["password"] = str(url.password)
-    return " ".join(f"{k}={v}" for k, v in parts.items())
-
-
-def _prefero() -> str:
-    exe = Path(sys.executable).parent / "prefero"
-    if exe.exists():
-        return str(exe)
-    found = shutil.which("prefero")
-    if not found:
-        raise SystemExit("the `prefero` command was not found: activate the project's venv")
-    return found
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
@@ -200,11 +171,11 @@ class Database:
         if not server.drivername.startswith("postgresql"):
             raise SystemExit("--pg-url must be a postgresql+psycopg:// URL")
         self.name = f"prefero_bench_{secrets.token_hex(4)}"
-        self._admin = _libpq(pg_url)
+        self._admin = libpq(pg_url)
         with psycopg.connect(self._admin, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{self.name}"')
         self.url = server.set(database=self.name).render_as_string(hide_password=False)
-        self.libpq = _libpq(self.url)
+        self.libpq = libpq(self.url)
 
     def drop(self) -> None:
         with psycopg.connect(self._admin, autocommit=True) as conn:
@@ -808,7 +779,7 @@ def run_level(n: int, args: argparse.Namespace, rep: int) -> LevelRun:
         }
         t0 = time.perf_counter()
         proc = subprocess.run(
-            [_prefero(), "db", "upgrade"],
+            [prefero_command(), "db", "upgrade"],
             env=env,
             cwd=ROOT,
             capture_output=True,
@@ -819,12 +790,12 @@ def run_level(n: int, args: argparse.Namespace, rep: int) -> LevelRun:
         if proc.returncode != 0:
             raise RuntimeError(f"prefero db upgrade failed:\n{proc.stdout}{proc.stderr}")
         seeded = seed(db, annotators=n, prompts=args.prompts, k=4, overlap=3, rng_seed=args.seed)
-        port = _free_port()
+        port = free_port()
         log_path = workdir / "server.log"
         with log_path.open("wb") as server_log:  # the child keeps its own descriptor
             server = subprocess.Popen(
                 [
-                    _prefero(),
+                    prefero_command(),
                     "serve",
                     "--host",
                     "127.0.0.1",
@@ -986,7 +957,7 @@ def _versions(pg_url: str) -> str:
             return "-"
 
     try:
-        with psycopg.connect(_libpq(pg_url), connect_timeout=5) as conn:
+        with psycopg.connect(libpq(pg_url), connect_timeout=5) as conn:
             row = conn.execute("SHOW server_version").fetchone()
         pg = f"PostgreSQL {row[0]}" if row else "PostgreSQL ?"
     except psycopg.Error as e:

@@ -41,7 +41,6 @@ import platform
 import random
 import secrets
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -60,6 +59,8 @@ from sqlalchemy.engine import make_url
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _support import free_port, libpq, prefero_command  # noqa: E402
+
 from app.security import hash_token, new_token  # noqa: E402
 
 SLUG = "bench-export"
@@ -72,35 +73,6 @@ GOAL_RSS_MB = 100.0
 GOAL_STATS_S = 2.0
 
 
-def _libpq(sqlalchemy_url: str) -> str:
-    url = make_url(sqlalchemy_url)
-    parts = {
-        "host": url.host or "127.0.0.1",
-        "port": str(url.port or 5432),
-        "user": url.username or "postgres",
-        "dbname": url.database or "postgres",
-    }
-    if url.password:
-        parts["password"] = str(url.password)
-    return " ".join(f"{k}={v}" for k, v in parts.items())
-
-
-def _prefero() -> str:
-    exe = Path(sys.executable).parent / "prefero"
-    if exe.exists():
-        return str(exe)
-    found = shutil.which("prefero")
-    if not found:
-        raise SystemExit("the `prefero` command was not found: activate the project's venv")
-    return found
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # --------------------------------------------------------------------------- database
 
 
@@ -110,11 +82,11 @@ class Database:
         if not server.drivername.startswith("postgresql"):
             raise SystemExit("--pg-url must be a postgresql+psycopg:// URL")
         self.name = f"prefero_bench_export_{secrets.token_hex(4)}"
-        self._admin = _libpq(pg_url)
+        self._admin = libpq(pg_url)
         with psycopg.connect(self._admin, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{self.name}"')
         self.url = server.set(database=self.name).render_as_string(hide_password=False)
-        self.libpq = _libpq(self.url)
+        self.libpq = libpq(self.url)
 
     def drop(self) -> None:
         with psycopg.connect(self._admin, autocommit=True) as conn:
@@ -237,18 +209,19 @@ def seed(db: Database, *, annotations: int, rng_seed: int) -> tuple[str, datetim
 
 class Server:
     def __init__(self, db_url: str, data_dir: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         env = dict(os.environ)
         env.update(
             PREFERO_DATABASE_URL=db_url,
             PREFERO_DATA_DIR=str(data_dir),
             PREFERO_SECRET_KEY="bench-export-secret-key",
         )
-        subprocess.run([_prefero(), "db", "upgrade"], env=env, check=True, capture_output=True)
+        upgrade = [prefero_command(), "db", "upgrade"]
+        subprocess.run(upgrade, env=env, check=True, capture_output=True)
         self.log = open(data_dir / "server.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [
-                _prefero(),
+                prefero_command(),
                 "serve",
                 "--workers",
                 "1",

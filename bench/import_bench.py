@@ -32,7 +32,6 @@ import platform
 import random
 import secrets
 import shutil
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -46,6 +45,7 @@ from pathlib import Path
 import orjson
 import psutil
 import psycopg
+from _support import free_port, libpq, prefero_command
 from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,7 +165,7 @@ class Database:
         elif backend == "postgresql":
             server = make_url(pg_url)
             self.name = f"prefero_bench_{secrets.token_hex(4)}"
-            self._pg_admin = _libpq(pg_url)
+            self._pg_admin = libpq(pg_url)
             with psycopg.connect(self._pg_admin, autocommit=True) as conn:
                 conn.execute(f'CREATE DATABASE "{self.name}"')
             self.url = server.set(database=self.name).render_as_string(hide_password=False)
@@ -186,7 +186,7 @@ class Database:
             finally:
                 conn.close()
         else:
-            with psycopg.connect(_libpq(self.url)) as conn:
+            with psycopg.connect(libpq(self.url)) as conn:
                 row = conn.execute(sql.format(ph="%s"), (project_slug, project_slug)).fetchone()
         assert row is not None
         return int(row[0]), int(row[1])
@@ -195,7 +195,7 @@ class Database:
         if self.backend == "sqlite":
             files = self.data_dir.glob("prefero.db*")
             return sum(p.stat().st_size for p in files) / MB
-        with psycopg.connect(_libpq(self.url)) as conn:
+        with psycopg.connect(libpq(self.url)) as conn:
             row = conn.execute("SELECT pg_database_size(current_database())").fetchone()
         assert row is not None
         return int(row[0]) / MB
@@ -206,36 +206,12 @@ class Database:
                 conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
 
 
-def _libpq(sqlalchemy_url: str) -> str:
-    """A libpq connection string from a SQLAlchemy ``postgresql+psycopg://`` URL."""
-    url = make_url(sqlalchemy_url)
-    parts = {
-        "host": url.host or "127.0.0.1",
-        "port": str(url.port or 5432),
-        "user": url.username or "postgres",
-        "dbname": url.database or "postgres",
-    }
-    if url.password:
-        parts["password"] = str(url.password)
-    return " ".join(f"{k}={v}" for k, v in parts.items())
-
-
 # --------------------------------------------------------------------------- the server
-
-
-def _prefero() -> str:
-    exe = Path(sys.executable).parent / "prefero"
-    if exe.exists():
-        return str(exe)
-    found = shutil.which("prefero")
-    if not found:
-        raise SystemExit("the `prefero` command was not found: activate the project's venv")
-    return found
 
 
 def _cli(env: dict[str, str], *args: str, stdin: str | None = None) -> str:
     proc = subprocess.run(
-        [_prefero(), *args],
+        [prefero_command(), *args],
         env=env,
         cwd=ROOT,
         input=stdin,
@@ -247,12 +223,6 @@ def _cli(env: dict[str, str], *args: str, stdin: str | None = None) -> str:
     if proc.returncode != 0:
         raise RuntimeError(f"prefero {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
     return proc.stdout
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get(port: int, path: str, timeout: float = 2.0) -> int:
@@ -389,10 +359,10 @@ def run_once(backend: str, args: argparse.Namespace, path: Path, size: int) -> R
         token = _cli(env, "tokens", "create", "bench-admin").strip().splitlines()[-1].strip()
         _cli(env, "projects", "create", "--slug", PROJECT_SLUG, "--name", "Import benchmark")
 
-        port = _free_port()
+        port = free_port()
         server = subprocess.Popen(
             [
-                _prefero(),
+                prefero_command(),
                 "serve",
                 "--host",
                 "127.0.0.1",
@@ -466,7 +436,7 @@ def _machine() -> str:
 
 def _pg_version(pg_url: str) -> str:
     try:
-        with psycopg.connect(_libpq(pg_url), connect_timeout=5) as conn:
+        with psycopg.connect(libpq(pg_url), connect_timeout=5) as conn:
             row = conn.execute("SHOW server_version").fetchone()
         return f"PostgreSQL {row[0]}" if row else "PostgreSQL ?"
     except psycopg.Error as e:
