@@ -17,7 +17,18 @@ from typing import Any, Literal
 
 import numpy as np
 import orjson
-from sqlalchemy import BigInteger, Date, Integer, Text, case, cast, func, literal_column, select
+from sqlalchemy import (
+    BigInteger,
+    Date,
+    Integer,
+    LargeBinary,
+    Text,
+    case,
+    cast,
+    func,
+    literal_column,
+    select,
+)
 from sqlalchemy.orm import Session
 
 from app import metrics
@@ -378,12 +389,18 @@ def _ranking_or_empty(value: Any) -> list[list[int]]:
 def _completions(
     session: Session, project: Project, table: metrics.RankTable
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str | None]]:
-    """Id, model (an index into the returned names) and length (characters) of the project's
+    """Id, model (an index into the returned names) and length (UTF-8 bytes) of the project's
     completions: one row per model, "id:length,…" aggregated by the database and read by
-    numpy."""
+    numpy. Bytes, not characters: counting characters decodes every text (four times the
+    time of the whole query on PostgreSQL), and which of two answers is longer rarely
+    differs."""
     if table.cids.size == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), []
-    pair = cast(Completion.id, Text) + ":" + cast(func.length(Completion.text), Text)
+    if session.get_bind().dialect.name == "postgresql":
+        size: Any = func.octet_length(Completion.text)
+    else:  # SQLite < 3.43 has no octet_length()
+        size = func.length(cast(Completion.text, LargeBinary))
+    pair = cast(Completion.id, Text) + ":" + cast(size, Text)
     query = (
         select(Completion.model, func.aggregate_strings(pair, ","))
         .join(Prompt, Completion.prompt_id == Prompt.id)
