@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -29,8 +31,9 @@ from app.db import engine_from_settings, make_session_factory
 from app.errors import DomainError, ImportRejected
 from app.generation.base import BUILTIN_MODEL, BackendError
 from app.models import GenerationJob, Role
+from app.observability import MULTIPROC_ENV, log_config, prepare_multiprocess_dir
 from app.schemas import ExportParams, GenerationParams, JobCreate, ProjectCreate
-from app.services import exports, generation, imports, projects, users
+from app.services import backup, exports, generation, imports, projects, users
 from app.services.health import alembic_config
 from app.worker import JobRun, backend_loader, run_worker, worker_name
 from app.worker import Progress as Progress_
@@ -51,6 +54,8 @@ cli.add_typer(projects_cli, name="projects")
 models_cli = typer.Typer(help="Local generation models.", no_args_is_help=True)
 cli.add_typer(models_cli, name="models")
 
+GRACEFUL_SHUTDOWN_S = 30
+"""Seconds `prefero serve` waits for requests in flight after SIGTERM."""
 DEMO_DATA = ROOT / "app" / "demo" / "prompts.jsonl"
 DEMO_ACCOUNTS = (
     ("admin", Role.admin),
@@ -103,6 +108,42 @@ def db_current() -> None:
     command.current(alembic_config(), verbose=False)
 
 
+@db_cli.command("backup")
+def db_backup(
+    out: Annotated[Path, typer.Argument(help="Backup file to write (replaced if it exists).")],
+) -> None:
+    """Write a consistent snapshot of the database to OUT while the service keeps running:
+    SQLite's online backup API, or pg_dump --format=custom for PostgreSQL."""
+    try:
+        result = backup.backup_database(get_settings().database_url, out=out)
+    except DomainError as e:
+        typer.echo(f"error: {e.message}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(
+        f"backed up the {result.kind} database to {result.path} "
+        f"({result.bytes:,} bytes, {result.seconds:.1f} s)"
+    )
+
+
+@db_cli.command("restore")
+def db_restore(
+    source: Annotated[Path, typer.Argument(help="A file written by `prefero db backup`.")],
+) -> None:
+    """Load a backup into the configured database, which must be empty (a new PostgreSQL
+    database, or no SQLite file yet). Stop the service first."""
+    settings = get_settings()
+    if settings.is_sqlite:
+        settings.ensure_data_dir()
+    try:
+        result = backup.restore_database(settings.database_url, source=source)
+    except DomainError as e:
+        typer.echo(f"error: {e.message}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"restored {source} into the {result.kind} database (migration {result.revision})")
+    if not result.at_head:
+        typer.echo("the backup is older than this version: run `prefero db upgrade`", err=True)
+
+
 @cli.command()
 def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
@@ -110,10 +151,22 @@ def serve(
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
-    """Serve the web app and API with uvicorn (run `prefero db upgrade` first)."""
+    """Serve the web app and API with uvicorn (run `prefero db upgrade` first). On SIGTERM or
+    SIGINT it stops accepting connections, finishes the requests in flight (up to 30 s) and
+    exits 0."""
     import uvicorn
 
-    get_settings().get_secret_key()  # create the key once, before workers race for it
+    settings = get_settings()
+    settings.get_secret_key()  # create the key once, before workers race for it
+    if workers > 1:
+        # Worker processes add their request metrics up in files here (GET /metrics).
+        metrics_dir = settings.ensure_data_dir() / "prometheus"
+        prepare_multiprocess_dir(metrics_dir)
+        os.environ[MULTIPROC_ENV] = str(metrics_dir)
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again for the
+    # handler found at start: make that an exit with status 0 (a stop, not a crash).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stopped)
     uvicorn.run(
         "app.main:create_app",
         factory=True,
@@ -121,9 +174,17 @@ def serve(
         port=port,
         workers=workers,
         log_level=log_level,
+        log_config=log_config(settings.log_format, log_level),
+        access_log=False,  # the app writes its own access lines (with request ids)
         proxy_headers=True,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        # A worker that starts slowly (a busy host) is not killed as hung after 5 s.
+        timeout_worker_healthcheck=60,
     )
+
+
+def _stopped(signum: int, _frame: object) -> None:
+    raise SystemExit(0)
 
 
 @users_cli.command("create")

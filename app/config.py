@@ -10,6 +10,7 @@ import os
 import secrets
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -45,6 +46,21 @@ class Settings(BaseSettings):
         description="Largest accepted import body in bytes (compressed and uncompressed); "
         "larger requests get 413.",
     )
+    max_request_bytes: int = Field(
+        default=1024 * 1024,
+        description="Largest accepted request body in bytes for every route but the imports "
+        "(which allow max_import_bytes); larger requests get 413.",
+    )
+    max_open_leases: int = Field(
+        default=6,
+        description="Live leases one user may hold at once, across projects; asking for a new "
+        "task beyond that gets 429.",
+    )
+    log_format: Literal["auto", "json", "text"] = Field(
+        default="auto",
+        description="Log lines of `prefero serve`: json (one object per line), text, or auto "
+        "(json unless standard error is a terminal).",
+    )
     db_pool_size: int = Field(
         default=5,
         description="Connections kept per app process, and the number of threads it runs "
@@ -60,7 +76,10 @@ class Settings(BaseSettings):
     )
     session_cookie_secure: bool = Field(
         default=False,
-        description="Send the session cookie with the Secure flag (set true behind HTTPS).",
+        description=(
+            "Always mark cookies Secure. Requests seen as HTTPS (directly, or by "
+            "X-Forwarded-Proto from a trusted proxy) get Secure cookies anyway."
+        ),
     )
     login_max_failures: int = Field(
         default=10,

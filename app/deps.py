@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, TypeVar
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.errors import Forbidden, Unauthenticated
 from app.models import Role, User
+from app.observability import set_user_id
 from app.services.auth_sessions import WebLogin, authenticate_session
 from app.services.users import authenticate_token
 
@@ -76,13 +77,16 @@ async def current_user(
     """The caller: by bearer token, else by session cookie (with a CSRF check on writes)."""
     if credentials is not None:
         secret = credentials.credentials
-        return await run_in_threadpool(
+        user = await run_in_threadpool(
             _released, session, lambda: authenticate_token(session, secret=secret)
         )
+        set_user_id(user.id)
+        return user
     if cookie:
         login = await run_in_threadpool(
             _released, session, lambda: authenticate_session(session, token=cookie)
         )
+        set_user_id(login.user.id)
         if request.method not in SAFE_METHODS:
             sent = request.headers.get(CSRF_HEADER, "")
             if not hmac.compare_digest(sent.encode(), login.session.csrf_token.encode()):
@@ -103,9 +107,12 @@ class Caller:
 
     def user(self, session: Session) -> User:
         if self.bearer is not None:
-            return authenticate_token(session, secret=self.bearer)
+            user = authenticate_token(session, secret=self.bearer)
+            set_user_id(user.id)
+            return user
         if self.cookie:
             login = authenticate_session(session, token=self.cookie)
+            set_user_id(login.user.id)
             if self.unsafe_method and not hmac.compare_digest(
                 self.csrf_header.encode(), login.session.csrf_token.encode()
             ):
@@ -135,11 +142,13 @@ async def optional_web_login(request: Request, session: SessionDep) -> WebLogin 
     if not cookie:
         return None
     try:
-        return await run_in_threadpool(
+        login = await run_in_threadpool(
             _released, session, lambda: authenticate_session(session, token=cookie)
         )
     except Unauthenticated:
         return None
+    set_user_id(login.user.id)
+    return login
 
 
 async def admin_user(user: Annotated[User, Depends(current_user)]) -> User:
@@ -147,6 +156,11 @@ async def admin_user(user: Annotated[User, Depends(current_user)]) -> User:
         raise Forbidden("admin role required")
     return user
 
+
+MAX_PAGE = 500
+"""The most items one list request returns (``limit`` above it: 422)."""
+PageLimit = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"Items to return (1-{MAX_PAGE}).")]
+PageOffset = Annotated[int, Query(ge=0, le=1_000_000, description="Items to skip.")]
 
 CurrentUser = Annotated[User, Depends(current_user)]
 CallerDep = Annotated[Caller, Depends(caller)]

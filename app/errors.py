@@ -63,6 +63,12 @@ class ServiceUnavailable(DomainError):
     status = 503
 
 
+class BackupFailed(DomainError):
+    """``prefero db backup`` / ``restore`` could not complete (nothing was overwritten)."""
+
+    status = 500
+
+
 @dataclass(frozen=True, slots=True)
 class RecordError:
     """One problem in an imported file: 1-based ``line``, the ``field`` path, a message."""

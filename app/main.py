@@ -21,7 +21,9 @@ from app import __version__
 from app.config import Settings, get_settings
 from app.db import engine_from_settings, make_session_factory
 from app.errors import DomainError, TooManyRequests
+from app.observability import Observability, install_record_factory, worker_stopped
 from app.routes import (
+    api_audit,
     api_exports,
     api_generation,
     api_projects,
@@ -30,7 +32,9 @@ from app.routes import (
     api_tasks,
     api_users,
     health,
+    metrics,
     pages_admin,
+    pages_admin_audit,
     pages_admin_projects,
     pages_admin_users,
     pages_auth,
@@ -69,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         gc.unfreeze()
         engine.dispose()
+        worker_stopped()
 
     # /docs is served from the vendored Swagger UI (pages_docs); FastAPI's own loads a CDN.
     app = FastAPI(
@@ -92,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         api_tasks,
         api_exports,
         api_stats,
+        api_audit,
     )
     for module in api_modules:
         app.include_router(module.router)
@@ -101,13 +107,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pages_admin,
         pages_admin_projects,
         pages_admin_users,
+        pages_admin_audit,
         pages_dashboard,
         pages_docs,
+        metrics,
     )
     for module in page_modules:
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.add_middleware(SecurityHeaders)  # CSP, nosniff, referrer and framing on every response
+    # Request id, metrics, access log and the body limit for every request.
+    app.add_middleware(Observability, max_body_bytes=settings.max_request_bytes)
+    # Outermost, so that every answer has them, the middleware's own 413 included: CSP,
+    # nosniff, referrer and framing.
+    app.add_middleware(SecurityHeaders)
+    install_record_factory()
     _install_error_handlers(app)
     return app
 

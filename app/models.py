@@ -285,6 +285,15 @@ class Lease(Base):
         UniqueConstraint("user_id", "prompt_id"),
         Index(None, "status", "expires_at"),
         Index(None, "user_id", "project_id", "status"),
+        # The user's live leases in every project (the per-user lease cap), counted without
+        # reading their closed ones.
+        Index(
+            "ix_lease_open_user_id",
+            "user_id",
+            "expires_at",
+            postgresql_where=text("status = 'open'"),
+            sqlite_where=text("status = 'open'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(IdType, primary_key=True)
@@ -370,3 +379,33 @@ class Annotation(Base):
     both_bad: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     """Pairwise tasks: the annotator judged both completions bad (stored as a tie)."""
     created_at: Mapped[datetime] = mapped_column(Timestamp(), default=utcnow)
+
+
+class AuditEvent(Base):
+    """An admin action: who did what to which project or user, and when.
+
+    Written by ``app.services.audit.record`` in the same transaction as the action it records
+    (both commit or neither does). Append-only: nothing updates or deletes these rows.
+    ``actor`` is the acting user's name at the time (``"cli"`` for the command line), and
+    ``details`` never holds secrets or prompt, completion or annotation text.
+    """
+
+    __tablename__ = "audit_event"
+    __table_args__ = (
+        Index("ix_audit_event_actor", "actor", "id"),
+        Index("ix_audit_event_action", "action", "id"),
+        Index("ix_audit_event_target", "target_type", "target_label", "id"),
+        Index(None, "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp(), default=utcnow)
+    actor_id: Mapped[int | None] = mapped_column(IdType)
+    """The acting user's id (no foreign key: the log outlives what it mentions)."""
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))
+    target_type: Mapped[str] = mapped_column(String(32))
+    target_id: Mapped[int | None] = mapped_column(IdType)
+    target_label: Mapped[str] = mapped_column(String(200))
+    """The project's slug or the user's name."""
+    details: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)

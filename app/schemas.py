@@ -9,6 +9,7 @@ from pydantic import (
     AfterValidator,
     AliasChoices,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -237,6 +238,40 @@ class TokenCreated(TokenRead):
     token: str = Field(description="The secret. Shown once; only its hash is stored.")
 
 
+class AuditEventRead(_Orm):
+    """An admin action from the audit log (``GET /api/v1/audit``)."""
+
+    id: int
+    created_at: datetime
+    actor: str = Field(description="The admin's username, or 'cli' for the command line.")
+    actor_id: int | None
+    action: str = Field(description="What was done, e.g. 'project.update' (docs/api.md).")
+    target_type: Literal["project", "user"]
+    target_id: int | None
+    target_label: str = Field(description="The project's slug or the user's name.")
+    details: dict[str, Any] = Field(
+        description="Parameters and counts; never secrets nor prompt or annotation text."
+    )
+
+
+class AuditPage(BaseModel):
+    items: list[AuditEventRead] = Field(description="Newest first.")
+    next: str | None = Field(description="Pass as ?after= for the next page; null at the end.")
+
+
+class ErrorItem(BaseModel):
+    line: int | None = Field(None, description="1-based line of an imported file.")
+    field: str | None = Field(description="Where, e.g. 'body.slug' or 'prompt[0].role'.")
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error answer (4xx, 503)."""
+
+    detail: str
+    errors: list[ErrorItem] | None = Field(None, description="422: the problems, at most 100.")
+
+
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     detail: str | None = None
@@ -318,7 +353,16 @@ class JobRead(_Orm):
 
 # --- labeling -------------------------------------------------------------------------------
 
-CompletionId = Annotated[int, Field(ge=1, le=MAX_ID)]
+
+def _not_bool(value: Any) -> Any:
+    """JSON ``true`` is not a number (pydantic's lax mode would read it as 1)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true or false")
+    return value
+
+
+NotBool = BeforeValidator(_not_bool)
+CompletionId = Annotated[int, Field(ge=1, le=MAX_ID), NotBool]
 
 
 class TaskCompletion(BaseModel):
@@ -347,15 +391,15 @@ class SubmitAnnotation(_Strict):
         max_length=16,
         description="Groups of completion ids, best first; a group of several ids is a tie.",
     )
-    likert: dict[str, Annotated[int, Field(ge=1, le=7)]] = Field(
+    likert: dict[str, Annotated[int, Field(ge=1, le=7), NotBool]] = Field(
         default_factory=dict, description="Completion id → 1–7 (when the project asks for it)."
     )
     flags: dict[str, list[Flag]] = Field(
         default_factory=dict, description="Completion id → flags from the project's list."
     )
     rationale: Text = Field("", max_length=20_000)
-    duration_ms: int | None = Field(None, ge=0, le=7 * 24 * 3600 * 1000)
-    strength: Literal[1, 2] | None = Field(
+    duration_ms: Annotated[int | None, NotBool] = Field(None, ge=0, le=7 * 24 * 3600 * 1000)
+    strength: Annotated[Literal[1, 2] | None, NotBool] = Field(
         None, description="Pairwise tasks (K = 2): 1 = slightly better, 2 = much better."
     )
     both_bad: bool = Field(

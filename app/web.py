@@ -102,6 +102,10 @@ JS_MESSAGES: tuple[str, ...] = (
     N_("You may not label this task."),
     N_("Your session has ended; log in again."),
     N_("The server could not be reached. Your answers are kept: try again."),
+    N_(
+        "You hold too many open tasks (in other tabs or projects): submit or skip one of them, "
+        "then check again."
+    ),
     N_("{label} is better."),
     N_("Both are equally good."),
     N_("Both are bad."),
@@ -337,7 +341,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 class SecurityHeaders:
     """ASGI middleware: the headers of :data:`SECURITY_HEADERS` on every HTTP response (those a
-    route set itself are left alone)."""
+    route set itself are left alone), the 500 answer to an unhandled error included."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -347,12 +351,35 @@ class SecurityHeaders:
             await self.app(scope, receive, send)
             return
 
+        started = False
+
         async def send_with_headers(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 headers = list(message.get("headers", []))
                 present = {name.lower() for name, _ in headers}
                 headers += [(k, v) for k, v in SECURITY_HEADERS if k not in present]
                 message["headers"] = headers
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception:
+            # Starlette's 500 answer is sent outside every middleware: answer here, with the
+            # headers (and JSON, like every other error), and let the error propagate to be
+            # logged.
+            if not started:
+                body = b'{"detail":"internal server error"}'
+                await send_with_headers(
+                    {
+                        "type": "http.response.start",
+                        "status": 500,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                        ],
+                    }
+                )
+                await send_with_headers({"type": "http.response.body", "body": body})
+            raise

@@ -16,6 +16,7 @@ if config.config_file_name is not None and config.attributes.get("configure_logg
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 target_metadata = Base.metadata
+MIGRATION_LOCK = 0x70726566  # "pref": the advisory lock key `prefero db upgrade` holds
 
 
 def _configure(connection: Connection) -> None:
@@ -53,6 +54,11 @@ def run_migrations_online() -> None:
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                # Replicas that all run `prefero db upgrade` at start take turns: the first
+                # migrates, the others then find the schema at head. Held until disconnect.
+                conn.exec_driver_sql(f"SELECT pg_advisory_lock({MIGRATION_LOCK})")
+                conn.commit()
             _configure(conn)
             with context.begin_transaction():
                 context.run_migrations()

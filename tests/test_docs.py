@@ -2,7 +2,8 @@
 
 - every setting is documented in the README, and so is every ``/api/v1`` route;
 - the README starts with the two set-up commands;
-- docker-compose.yml waits for a healthy database and migrates before serving;
+- docker-compose.yml is valid against the Compose specification's schema, waits for a healthy
+  database, migrates before serving, and has the worker and an on-demand trainer;
 - the Dockerfile installs with pip only (no ``curl | sh`` downloads).
 
 None of these tests needs a database.
@@ -10,8 +11,10 @@ None of these tests needs a database.
 
 from __future__ import annotations
 
+import json
 import re
 
+import jsonschema
 import pytest
 import yaml
 
@@ -117,6 +120,58 @@ def test_compose_app_points_at_the_db_service(compose):
     url = str(env.get("PREFERO_DATABASE_URL", ""))
     assert url.startswith("postgresql+psycopg://")
     assert "@db:5432/" in url
+
+
+def test_compose_file_matches_the_compose_schema(compose):
+    # The Compose specification's JSON schema, as shipped by docker-compose 1.29.2 (Apache-2.0;
+    # tests/fixtures/compose/LICENSE): no Docker engine runs here to `docker compose config`.
+    schema_path = ROOT / "tests" / "fixtures" / "compose" / "compose_spec.json"
+    schema = json.loads(schema_path.read_text(encoding="utf-8"))
+    errors = sorted(
+        jsonschema.Draft7Validator(schema).iter_errors(compose), key=lambda e: list(e.path)
+    )
+    assert not errors, [f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors]
+
+
+def _env(service: dict) -> dict:
+    env = service.get("environment") or {}
+    return dict(item.split("=", 1) for item in env) if isinstance(env, list) else env
+
+
+def test_compose_services_use_images_built_here_or_pinned(compose):
+    for name, service in compose["services"].items():
+        image = str(service.get("image", ""))
+        if "build" in service or image.startswith("prefero:"):
+            continue
+        assert re.fullmatch(r"[\w./-]+:[\w.-]+", image), f"{name}: pin a tag, not {image!r}"
+        assert not image.endswith(":latest"), f"{name}: pin a tag, not {image!r}"
+
+
+def test_compose_app_serves_several_workers_with_a_healthcheck(compose):
+    app = compose["services"]["app"]
+    workers = re.search(r"--workers (\d+)", _command_text(app.get("command")))
+    assert workers, "serve --workers N"
+    assert int(workers.group(1)) >= 2
+    assert "/readyz" in _command_text(app["healthcheck"]["test"])
+    # Longer than the server's own drain time (timeout_graceful_shutdown in app/cli.py).
+    assert int(str(app["stop_grace_period"]).rstrip("s")) > 30
+
+
+def test_compose_worker_shares_the_app_settings(compose):
+    worker = compose["services"]["worker"]
+    assert _command_text(worker["command"]) == "prefero worker"
+    assert (
+        _env(worker)["PREFERO_DATABASE_URL"]
+        == _env(compose["services"]["app"])["PREFERO_DATABASE_URL"]
+    )
+    assert worker["depends_on"]["app"]["condition"] == "service_healthy"
+
+
+def test_compose_trainer_runs_only_on_demand(compose):
+    trainer = compose["services"]["trainer"]
+    assert trainer["profiles"] == ["trainer"]  # `docker compose up` leaves it out
+    assert trainer["entrypoint"] == ["prefero-train"]
+    assert "PREFERO_TOKEN" in _env(trainer)  # reads exports from the app's URL
 
 
 def test_dockerfile_installs_with_pip_only():

@@ -6,6 +6,7 @@ from fastapi import Request
 from starlette.types import Message
 
 from app.errors import PayloadTooLarge
+from app.observability import set_body_limit
 
 
 def too_large(limit: int) -> PayloadTooLarge:
@@ -23,6 +24,8 @@ def limited(request: Request, limit: int) -> Request:
     ``limit`` bytes arrived. Its body is read as it streams: a multipart upload is spooled to a
     temporary file by Starlette's parser, never held whole in memory."""
     received = 0
+    # Above the app-wide PREFERO_MAX_REQUEST_BYTES, with the same message as ours.
+    set_body_limit(request.scope, limit, what="upload")
 
     async def receive() -> Message:
         nonlocal received

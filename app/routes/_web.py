@@ -38,7 +38,9 @@ def _secret_key(request: Request) -> str:
 
 
 def _cookie_secure(request: Request) -> bool:
-    return bool(request.app.state.settings.session_cookie_secure)
+    """Secure cookies when configured, and always over HTTPS (directly, or behind a trusted
+    proxy that says so in X-Forwarded-Proto: `prefero serve` runs with proxy headers on)."""
+    return bool(request.app.state.settings.session_cookie_secure) or request.url.scheme == "https"
 
 
 def current_path(request: Request) -> str:

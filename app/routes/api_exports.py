@@ -9,10 +9,11 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import AdminUser, SessionDep, SettingsDep
+from app.routes._responses import AUTHENTICATED, errors
 from app.schemas import ExportParams
 from app.services import exports
 
-router = APIRouter(prefix="/api/v1", tags=["export"])
+router = APIRouter(prefix="/api/v1", tags=["export"], responses=AUTHENTICATED)
 
 EXPORT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
@@ -23,8 +24,7 @@ EXPORT_RESPONSES: dict[int | str, dict[str, Any]] = {
             "application/vnd.apache.parquet": {"schema": {"type": "string", "format": "binary"}},
         },
     },
-    404: {"description": "Unknown project."},
-    422: {"description": "A bad parameter; `errors[].field` names it."},
+    **errors(404, 422),
 }
 
 
@@ -34,7 +34,7 @@ async def export(
     params: Annotated[ExportParams, Query()],
     session: SessionDep,
     settings: SettingsDep,
-    _: AdminUser,
+    admin: AdminUser,
 ) -> StreamingResponse:
     """Export the project's current annotations (superseded revisions and skips never appear)
     from one consistent snapshot, streamed with constant memory."""
@@ -42,7 +42,11 @@ async def export(
     # dependencies only after the response has been sent.
     export = await run_in_threadpool(
         lambda: exports.open_export(
-            session, project_slug=slug, params=params, secret=settings.get_secret_key()
+            session,
+            project_slug=slug,
+            params=params,
+            secret=settings.get_secret_key(),
+            actor=admin,
         )
     )
     return StreamingResponse(

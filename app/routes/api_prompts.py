@@ -12,11 +12,12 @@ from starlette.datastructures import UploadFile
 
 from app.deps import AdminUser, SessionDep, SettingsDep
 from app.errors import InvalidInput, UnsupportedMediaType
+from app.routes._responses import AUTHENTICATED, errors
 from app.routes._uploads import declared_too_large, limited, too_large
 from app.schemas import MAX_ID, ImportResult, PromptDetail, PromptPage
 from app.services import imports, projects, prompts
 
-router = APIRouter(prefix="/api/v1", tags=["prompts"])
+router = APIRouter(prefix="/api/v1", tags=["prompts"], responses=AUTHENTICATED)
 
 RAW_TYPES = {
     "",
@@ -73,10 +74,10 @@ async def _spool(chunks: AsyncIterator[bytes]) -> Any:
     status_code=status.HTTP_201_CREATED,
     response_model=ImportResult,
     openapi_extra=IMPORT_BODY,
-    responses={413: {"description": "Body too large"}, 422: {"description": "Rejected whole"}},
+    responses=errors(400, 404, 409, 413, 415, 422),
 )
 async def import_prompts(
-    slug: str, request: Request, session: SessionDep, settings: SettingsDep, _: AdminUser
+    slug: str, request: Request, session: SessionDep, settings: SettingsDep, admin: AdminUser
 ) -> ImportResult:
     limit = settings.max_import_bytes
     if declared_too_large(request, limit):
@@ -100,13 +101,18 @@ async def import_prompts(
         )
     try:
         return await run_in_threadpool(
-            imports.import_prompts, session, project_slug=slug, source=source, max_bytes=limit
+            imports.import_prompts,
+            session,
+            project_slug=slug,
+            source=source,
+            max_bytes=limit,
+            actor=admin,
         )
     finally:
         source.close()
 
 
-@router.get("/projects/{slug}/prompts", response_model=PromptPage)
+@router.get("/projects/{slug}/prompts", response_model=PromptPage, responses=errors(404, 422))
 def list_prompts(
     slug: str,
     session: SessionDep,
@@ -117,7 +123,7 @@ def list_prompts(
     return prompts.list_prompts(session, project_slug=slug, after=after, limit=limit)
 
 
-@router.get("/prompts/{prompt_id}", response_model=PromptDetail)
+@router.get("/prompts/{prompt_id}", response_model=PromptDetail, responses=errors(404, 422))
 def get_prompt(
     prompt_id: Annotated[int, Path(ge=1, le=MAX_ID)], session: SessionDep, _: AdminUser
 ) -> PromptDetail:

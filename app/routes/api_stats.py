@@ -11,14 +11,15 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
 from app.deps import AdminUser, SessionDep, SettingsDep
+from app.routes._responses import AUTHENTICATED, errors
 from app.schemas import ProjectStats
 from app.services import stats
 from app.services.stats import CsvTable
 
-router = APIRouter(prefix="/api/v1", tags=["stats"])
+router = APIRouter(prefix="/api/v1", tags=["stats"], responses=AUTHENTICATED)
 
 
-@router.get("/projects/{slug}/stats", response_model=ProjectStats)
+@router.get("/projects/{slug}/stats", response_model=ProjectStats, responses=errors(404, 422))
 def project_stats(
     slug: str, session: SessionDep, settings: SettingsDep, _: AdminUser
 ) -> ProjectStats:
@@ -28,7 +29,7 @@ def project_stats(
     return stats.project_stats(session, slug=slug, secret=settings.get_secret_key())
 
 
-@router.get("/projects/{slug}/stats.csv", response_class=Response)
+@router.get("/projects/{slug}/stats.csv", response_class=Response, responses=errors(404, 422))
 def project_stats_csv(
     slug: str,
     session: SessionDep,

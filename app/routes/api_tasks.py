@@ -10,8 +10,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response, status
+from pydantic import Field
 
-from app.deps import AdminUser, CallerDep, SessionDep
+from app.deps import AdminUser, CallerDep, PageLimit, PageOffset, SessionDep, SettingsDep
+from app.routes._responses import AUTHENTICATED, errors
 from app.schemas import (
     MAX_ID,
     AnnotationCreated,
@@ -23,7 +25,7 @@ from app.schemas import (
 )
 from app.services import members, tasks
 
-router = APIRouter(prefix="/api/v1", tags=["labeling"])
+router = APIRouter(prefix="/api/v1", tags=["labeling"], responses=AUTHENTICATED)
 
 LeaseId = Annotated[int, Path(ge=1, le=MAX_ID)]
 
@@ -31,19 +33,29 @@ LeaseId = Annotated[int, Path(ge=1, le=MAX_ID)]
 @router.get(
     "/projects/{slug}/tasks/next",
     response_model=Task,
-    responses={204: {"description": "Nothing left for this annotator."}},
+    responses={
+        204: {"description": "Nothing left for this annotator."},
+        **errors(404, 409, 422, 429),
+    },
 )
 def next_task(
     slug: str,
     session: SessionDep,
     caller: CallerDep,
+    settings: SettingsDep,
     exclude: Annotated[
-        list[int],
+        list[Annotated[int, Field(ge=1, le=MAX_ID)]],
         Query(max_length=20, description="Lease ids not to resume (e.g. the one on screen)."),
     ] = [],  # noqa: B006 - FastAPI copies query defaults
 ) -> Task | Response:
     user = caller.user(session)
-    task = tasks.next_task(session, slug=slug, user=user, exclude=exclude)
+    task = tasks.next_task(
+        session,
+        slug=slug,
+        user=user,
+        exclude=exclude,
+        max_open_leases=settings.max_open_leases,
+    )
     return task if task is not None else Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -57,6 +69,7 @@ def _recorded(result: tasks.Recorded, response: Response) -> AnnotationCreated:
     "/leases/{lease_id}/submit",
     status_code=status.HTTP_201_CREATED,
     response_model=AnnotationCreated,
+    responses=errors(400, 404, 409, 413, 422),
 )
 def submit(
     lease_id: LeaseId,
@@ -70,7 +83,10 @@ def submit(
 
 
 @router.post(
-    "/leases/{lease_id}/skip", status_code=status.HTTP_201_CREATED, response_model=AnnotationCreated
+    "/leases/{lease_id}/skip",
+    status_code=status.HTTP_201_CREATED,
+    response_model=AnnotationCreated,
+    responses=errors(400, 404, 409, 413, 422),
 )
 def skip(
     lease_id: LeaseId,
@@ -86,21 +102,38 @@ def skip(
     return _recorded(result, response)
 
 
-@router.post("/leases/{lease_id}/extend", response_model=LeaseRead)
+@router.post("/leases/{lease_id}/extend", response_model=LeaseRead, responses=errors(404, 409, 422))
 def extend(lease_id: LeaseId, session: SessionDep, caller: CallerDep) -> LeaseRead:
     return tasks.extend(session, lease_id=lease_id, user=caller.user(session))
 
 
-@router.get("/projects/{slug}/members", response_model=list[str], tags=["projects"])
-def list_members(slug: str, session: SessionDep, _: AdminUser) -> list[str]:
-    return members.list_members(session, slug=slug)
+@router.get(
+    "/projects/{slug}/members",
+    response_model=list[str],
+    tags=["projects"],
+    responses=errors(404, 422),
+)
+def list_members(
+    slug: str, session: SessionDep, _: AdminUser, limit: PageLimit = 100, offset: PageOffset = 0
+) -> list[str]:
+    return members.list_members(session, slug=slug, limit=limit, offset=offset)
 
 
-@router.post("/projects/{slug}/members", response_model=list[str], tags=["projects"])
-def add_members(slug: str, data: Members, session: SessionDep, _: AdminUser) -> list[str]:
-    return members.add_members(session, slug=slug, usernames=data.usernames)
+@router.post(
+    "/projects/{slug}/members",
+    response_model=list[str],
+    tags=["projects"],
+    responses=errors(400, 404, 409, 413, 422),
+)
+def add_members(slug: str, data: Members, session: SessionDep, admin: AdminUser) -> list[str]:
+    return members.add_members(session, slug=slug, usernames=data.usernames, actor=admin)
 
 
-@router.delete("/projects/{slug}/members", response_model=list[str], tags=["projects"])
-def remove_members(slug: str, data: Members, session: SessionDep, _: AdminUser) -> list[str]:
-    return members.remove_members(session, slug=slug, usernames=data.usernames)
+@router.delete(
+    "/projects/{slug}/members",
+    response_model=list[str],
+    tags=["projects"],
+    responses=errors(400, 404, 409, 413, 422),
+)
+def remove_members(slug: str, data: Members, session: SessionDep, admin: AdminUser) -> list[str]:
+    return members.remove_members(session, slug=slug, usernames=data.usernames, actor=admin)

@@ -34,4 +34,6 @@ async def readyz(request: Request) -> JSONResponse:
         database=request.app.state.engine.dialect.name,
         migration=rev,
     )
-    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+    if ready:
+        return JSONResponse(body.model_dump())
+    return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "2"})

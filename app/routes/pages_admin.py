@@ -77,7 +77,7 @@ def cancel_job(
     if not form_csrf_ok(request, csrf_token, web):
         return csrf_failed(request, web)
     try:
-        generation.cancel_job(session, job_id=job_id)
+        generation.cancel_job(session, job_id=job_id, actor=web.user)
     except NotFound:
         return render_error(
             request,

@@ -197,7 +197,9 @@ async def create_project(request: Request, session: SessionDep, web: OptionalWeb
     except ValidationError as exc:
         return again(422, field_errors(request, exc))
     try:
-        project = await run_in_threadpool(projects.create_project, session, data=data)
+        project = await run_in_threadpool(
+            projects.create_project, session, data=data, actor=gate.user
+        )
     except Conflict:
         _ = gettext_for(request)
         return again(409, {"slug": [_("A project with this slug already exists.")]})
@@ -245,7 +247,9 @@ async def save_project(
             errors = field_errors(request, exc)
     try:
         if data is not None:
-            await run_in_threadpool(projects.update_project, session, slug=slug, data=data)
+            await run_in_threadpool(
+                projects.update_project, session, slug=slug, data=data, actor=gate.user
+            )
             # The form posts to …#settings; the flash is at the top of the page.
             return redirect_with_flash(request, f"/admin/projects/{slug}#flash", "project-saved")
         page = await run_in_threadpool(projects.project_page, session, slug=slug)
@@ -321,6 +325,7 @@ async def import_prompts(
                 project_slug=slug,
                 source=upload.file,
                 max_bytes=limit,
+                actor=gate.user,
             )
         except ImportRejected as exc:
             shown = len(exc.errors or [])
@@ -366,7 +371,7 @@ async def change_members(
         if not names:
             raise InvalidInput("no usernames", errors=[])
         change = members.remove_members if removing else members.add_members
-        await run_in_threadpool(change, session, slug=slug, usernames=names)
+        await run_in_threadpool(change, session, slug=slug, usernames=names, actor=gate.user)
     except NotFound as exc:
         return error_page(request, gate, exc)
     except InvalidInput as exc:

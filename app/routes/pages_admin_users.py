@@ -124,6 +124,7 @@ async def create_user(request: Request, session: SessionDep, web: OptionalWebUse
             username=data.username,
             role=data.role,
             password=data.password,
+            actor=gate.user,
         )
     except Conflict:
         _ = gettext_for(request)
@@ -157,7 +158,7 @@ async def set_active(
             session,
             username=username,
             active=active,
-            actor_id=gate.user.id,
+            actor=gate.user,
         )
     except DomainError as exc:
         return error_page(request, gate, exc)
@@ -210,7 +211,7 @@ async def create_token(
         )
     try:
         token, secret = await run_in_threadpool(
-            users.create_token, session, username=username, name=data.name
+            users.create_token, session, username=username, name=data.name, actor=gate.user
         )
     except DomainError as exc:
         return error_page(request, gate, exc)
@@ -237,7 +238,11 @@ async def revoke_token(
         return csrf_failed(request, gate)
     try:
         token = await run_in_threadpool(
-            users.revoke_user_token, session, username=username, token_id=token_id
+            users.revoke_user_token,
+            session,
+            username=username,
+            token_id=token_id,
+            actor=gate.user,
         )
     except DomainError as exc:
         return error_page(request, gate, exc)

@@ -61,10 +61,12 @@ from app.exporting import (
     pair_rows,
     ranking_row,
 )
-from app.models import Annotation, AnnotationStatus, Completion, Project, Prompt
+from app.models import Annotation, AnnotationStatus, Completion, Project, Prompt, User
 from app.ranking import pseudonym, split_of
 from app.schemas import ExportParams
+from app.services import audit
 from app.services.projects import get_project
+from app.services.transactions import write_transaction
 
 BATCH_ANNOTATIONS = 2000
 """Annotations per batch (their prompts and completions are loaded together)."""
@@ -150,11 +152,15 @@ def open_export(
     params: ExportParams,
     secret: str,
     batch_size: int | None = None,
+    actor: User | None = None,
 ) -> Export:
     """Check ``params``, open the snapshot, find the project; raise before anything streams.
 
-    ``secret`` keys the annotators' pseudonyms (``Settings.get_secret_key()``)."""
+    ``secret`` keys the annotators' pseudonyms (``Settings.get_secret_key()``). The export
+    (who, which project, which parameters) is first recorded in the audit log in a short
+    transaction of its own (``actor`` None: the command line)."""
     _check(params)
+    _record_export(session, project_slug=project_slug, params=params, actor=actor)
     _begin_snapshot(session)
     try:
         project = get_project(session, slug=project_slug)
@@ -206,6 +212,26 @@ def open_export(
 
     export._rows = rows
     return export
+
+
+def _record_export(
+    session: Session, *, project_slug: str, params: ExportParams, actor: User | None
+) -> None:
+    """Exports only read, and their snapshot is read-only: the audit row commits first."""
+    write_transaction(session)
+    try:
+        project = get_project(session, slug=project_slug)
+        audit.record_project(
+            session,
+            actor=actor,
+            action="project.export",
+            project=project,
+            **params.model_dump(mode="json"),
+        )
+    except BaseException:
+        session.rollback()
+        raise
+    session.commit()
 
 
 def _check(params: ExportParams) -> None:

@@ -18,8 +18,9 @@ from sqlalchemy.orm import Session
 
 from app.db import insert_skipping_duplicates
 from app.errors import Conflict, InvalidInput, NotFound
-from app.models import Completion, GenerationJob, JobStatus, Project, Prompt, Worker, utcnow
+from app.models import Completion, GenerationJob, JobStatus, Project, Prompt, User, Worker, utcnow
 from app.schemas import JobCreate, ProjectDetail
+from app.services import audit
 from app.services.projects import get_project, list_project_details
 from app.services.transactions import write_transaction
 
@@ -43,10 +44,16 @@ def completion_external_id(job_id: int, slot: int) -> str:
 
 
 def create_job(
-    session: Session, *, project_slug: str, data: JobCreate, user_id: int | None = None
+    session: Session,
+    *,
+    project_slug: str,
+    data: JobCreate,
+    user_id: int | None = None,
+    actor: User | None = None,
 ) -> GenerationJob:
     """Queue a job. ``prompt_ids`` must belong to the project; the default is every prompt
-    that exists now (prompts imported later are not included)."""
+    that exists now (prompts imported later are not included). ``actor`` (None: the command
+    line) is the job's creator and is recorded in the audit log."""
     write_transaction(session)
     project = get_project(session, slug=project_slug)
     last = session.scalar(select(func.max(Prompt.id)).where(Prompt.project_id == project.id)) or 0
@@ -82,9 +89,22 @@ def create_job(
         prompt_ids=prompt_ids,
         last_prompt_id=last,
         total=total,
-        created_by_id=user_id,
+        created_by_id=user_id if user_id is not None else actor.id if actor else None,
     )
     session.add(job)
+    session.flush()
+    audit.record_project(
+        session,
+        actor=actor,
+        action="job.create",
+        project=project,
+        job_id=job.id,
+        backend=job.backend,
+        models=job.models,
+        k=job.k,
+        prompts=total,
+        params=job.params,
+    )
     session.commit()
     return job
 
@@ -96,18 +116,22 @@ def get_job(session: Session, *, job_id: int) -> GenerationJob:
     return job
 
 
-def list_jobs(session: Session, *, project_slug: str, limit: int = 100) -> list[GenerationJob]:
+def list_jobs(
+    session: Session, *, project_slug: str, limit: int = 100, offset: int = 0
+) -> list[GenerationJob]:
+    """The project's jobs, newest first."""
     project = get_project(session, slug=project_slug)
     query = (
         select(GenerationJob)
         .where(GenerationJob.project_id == project.id)
         .order_by(GenerationJob.id.desc())
         .limit(limit)
+        .offset(offset)
     )
     return list(session.scalars(query))
 
 
-def cancel_job(session: Session, *, job_id: int) -> GenerationJob:
+def cancel_job(session: Session, *, job_id: int, actor: User | None = None) -> GenerationJob:
     """A queued job is cancelled at once; a running one stops after its current batch."""
     write_transaction(session)
     job = _locked_job(session, job_id)
@@ -122,6 +146,15 @@ def cancel_job(session: Session, *, job_id: int) -> GenerationJob:
         job.finished_at = utcnow()
         job.message = "cancelled before it started"
     job.cancel_requested = True
+    project = session.get_one(Project, job.project_id)
+    audit.record_project(
+        session,
+        actor=actor,
+        action="job.cancel",
+        project=project,
+        job_id=job.id,
+        status=job.status.value,
+    )
     session.commit()
     return job
 

@@ -26,8 +26,9 @@ from sqlalchemy.orm import Session
 from app.db import insert_skipping_duplicates
 from app.errors import ImportRejected, RecordError
 from app.importer import PromptIn, open_source, parse_records
-from app.models import Completion, Prompt, utcnow
+from app.models import Completion, Prompt, User, utcnow
 from app.schemas import ImportResult
+from app.services import audit
 from app.services.projects import get_project
 from app.services.transactions import write_transaction
 
@@ -38,13 +39,22 @@ ANALYZE_AFTER_ROWS = 1000
 
 
 def import_prompts(
-    session: Session, *, project_slug: str, source: IO[bytes], max_bytes: int
+    session: Session,
+    *,
+    project_slug: str,
+    source: IO[bytes],
+    max_bytes: int,
+    actor: User | None = None,
 ) -> ImportResult:
-    """Import a JSONL / JSON-array / HH-RLHF stream (gzip allowed) into ``project_slug``."""
+    """Import a JSONL / JSON-array / HH-RLHF stream (gzip allowed) into ``project_slug``.
+    A successful import is recorded in the audit log with its counts."""
     write_transaction(session)
     try:
         project = get_project(session, slug=project_slug)
         result = _import(session, project.id, source, max_bytes)
+        audit.record_project(
+            session, actor=actor, action="prompts.import", project=project, **result.model_dump()
+        )
     except BaseException:
         session.rollback()
         raise

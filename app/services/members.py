@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 from app.db import insert_skipping_duplicates
 from app.errors import InvalidInput
 from app.models import ProjectMember, User
+from app.services import audit
 from app.services.projects import get_project
 from app.services.transactions import write_transaction
 
@@ -27,7 +28,9 @@ def _users(session: Session, usernames: list[str]) -> dict[str, int]:
     return found
 
 
-def list_members(session: Session, *, slug: str) -> list[str]:
+def list_members(
+    session: Session, *, slug: str, limit: int | None = None, offset: int = 0
+) -> list[str]:
     project = get_project(session, slug=slug)
     return list(
         session.scalars(
@@ -35,11 +38,15 @@ def list_members(session: Session, *, slug: str) -> list[str]:
             .join(ProjectMember, ProjectMember.user_id == User.id)
             .where(ProjectMember.project_id == project.id)
             .order_by(User.username)
+            .limit(limit)
+            .offset(offset)
         )
     )
 
 
-def add_members(session: Session, *, slug: str, usernames: list[str]) -> list[str]:
+def add_members(
+    session: Session, *, slug: str, usernames: list[str], actor: User | None = None
+) -> list[str]:
     """Add users (already-members are left alone); returns the member list."""
     write_transaction(session)
     project = get_project(session, slug=slug)
@@ -48,11 +55,16 @@ def add_members(session: Session, *, slug: str, usernames: list[str]) -> list[st
         insert_skipping_duplicates(session, ProjectMember.__table__, "project_id", "user_id"),
         [{"project_id": project.id, "user_id": uid} for uid in ids.values()],
     )
+    audit.record_project(
+        session, actor=actor, action="member.add", project=project, usernames=list(ids)
+    )
     session.commit()
     return list_members(session, slug=slug)
 
 
-def remove_members(session: Session, *, slug: str, usernames: list[str]) -> list[str]:
+def remove_members(
+    session: Session, *, slug: str, usernames: list[str], actor: User | None = None
+) -> list[str]:
     write_transaction(session)
     project = get_project(session, slug=slug)
     ids = _users(session, usernames)
@@ -60,6 +72,9 @@ def remove_members(session: Session, *, slug: str, usernames: list[str]) -> list
         delete(ProjectMember).where(
             ProjectMember.project_id == project.id, ProjectMember.user_id.in_(list(ids.values()))
         )
+    )
+    audit.record_project(
+        session, actor=actor, action="member.remove", project=project, usernames=list(ids)
     )
     session.commit()
     return list_members(session, slug=slug)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -11,7 +12,11 @@ from sqlalchemy.orm import Session
 from app.errors import Conflict, NotFound
 from app.models import Annotation, Completion, Project, ProjectMember, Prompt, User
 from app.schemas import ProjectCreate, ProjectDetail, ProjectRead, ProjectUpdate
+from app.services import audit
 from app.services.transactions import write_transaction
+
+LONG_TEXTS = frozenset({"guidelines", "system_prompt", "instruction_template"})
+"""Settings the audit log records by length only."""
 
 
 def get_project(session: Session, *, slug: str) -> Project:
@@ -21,14 +26,28 @@ def get_project(session: Session, *, slug: str) -> Project:
     return project
 
 
-def create_project(session: Session, *, data: ProjectCreate) -> Project:
+def create_project(session: Session, *, data: ProjectCreate, actor: User | None = None) -> Project:
+    """Create a project; ``actor`` (None: the command line) is recorded in the audit log."""
     write_transaction(session)
     if session.scalar(select(Project.id).where(Project.slug == data.slug)) is not None:
         session.rollback()
         raise Conflict(f"a project with slug {data.slug!r} already exists")
-    project = Project(**data.model_dump())
+    values = data.model_dump()
+    project = Project(**values)
     session.add(project)
     try:
+        session.flush()
+        audit.record_project(
+            session,
+            actor=actor,
+            action="project.create",
+            project=project,
+            **{
+                k: {"chars": len(v)} if k in LONG_TEXTS else v
+                for k, v in values.items()
+                if k != "slug"
+            },
+        )
         session.commit()
     except IntegrityError:  # lost a race with a concurrent create
         session.rollback()
@@ -36,8 +55,9 @@ def create_project(session: Session, *, data: ProjectCreate) -> Project:
     return project
 
 
-def list_projects(session: Session) -> list[Project]:
-    return list(session.scalars(select(Project).order_by(Project.id)))
+def list_projects(session: Session, *, limit: int | None = None, offset: int = 0) -> list[Project]:
+    """Projects by id; ``limit``/``offset`` page through them (None: all)."""
+    return list(session.scalars(select(Project).order_by(Project.id).limit(limit).offset(offset)))
 
 
 def list_project_details(session: Session) -> list[ProjectDetail]:
@@ -70,13 +90,28 @@ def list_project_details(session: Session) -> list[ProjectDetail]:
     ]
 
 
-def update_project(session: Session, *, slug: str, data: ProjectUpdate) -> ProjectDetail:
-    """Change the given settings (omitted or null fields are left alone)."""
+def update_project(
+    session: Session, *, slug: str, data: ProjectUpdate, actor: User | None = None
+) -> ProjectDetail:
+    """Change the given settings (omitted or null fields are left alone); the audit log
+    records each changed setting's old and new value (long texts by length)."""
     write_transaction(session)
-    project = get_project(session, slug=slug)
+    try:
+        project = get_project(session, slug=slug)
+    except NotFound:
+        session.rollback()
+        raise
+    changes: dict[str, Any] = {}
     for name, value in data.model_dump(exclude_unset=True).items():
-        if value is not None:
+        old = getattr(project, name)
+        if value is not None and value != old:
+            changes[name] = (
+                audit.text_change(old, value) if name in LONG_TEXTS else {"from": old, "to": value}
+            )
             setattr(project, name, value)
+    audit.record_project(
+        session, actor=actor, action="project.update", project=project, changes=changes
+    )
     session.commit()
     return project_detail(session, slug=slug)
 

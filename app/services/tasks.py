@@ -56,7 +56,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.errors import Conflict, Forbidden, InvalidInput, NotFound
+from app.errors import Conflict, Forbidden, InvalidInput, NotFound, TooManyRequests
 from app.models import (
     Annotation,
     AnnotationStatus,
@@ -243,6 +243,12 @@ _RESUME = (
     .limit(1)
     .scalar_subquery()
 )
+_USER_LIVE = (
+    _L.c.user_id == bindparam("user_id"),
+    _L.c.status == LeaseStatus.open,
+    _L.c.expires_at > bindparam("now"),
+)
+_FIRST_EXPIRY = select(func.min(_L.c.expires_at)).where(*_USER_LIVE)
 _PROJECT_FOR_TASK = select(
     _PR.c.id,
     _PR.c.slug,
@@ -251,6 +257,7 @@ _PROJECT_FOR_TASK = select(
     _PR.c.lease_seconds,
     _PR.c.members_only,
     _RESUME.label("resume_id"),
+    select(func.count()).where(*_USER_LIVE).scalar_subquery().label("live_leases"),
 ).where(_PR.c.slug == bindparam("slug"))
 _IS_MEMBER = select(ProjectMember.__table__.c.user_id).where(
     ProjectMember.__table__.c.project_id == bindparam("project_id"),
@@ -318,12 +325,19 @@ def _candidates(project: Any, user_id: int):
 
 
 def next_task(
-    session: Session, *, slug: str, user: User, exclude: Sequence[int] = ()
+    session: Session,
+    *,
+    slug: str,
+    user: User,
+    exclude: Sequence[int] = (),
+    max_open_leases: int | None = None,
 ) -> Task | None:
     """The user's task in project ``slug``: their oldest open lease not in ``exclude`` (so a
     reload shows the same task), else a new lease on the best candidate; None when nothing is
-    left for them."""
+    left for them. A user already holding ``max_open_leases`` live leases (all projects) gets
+    :class:`TooManyRequests` instead of a new one."""
     conn = session.connection()
+    now = utcnow()
     # One round trip for the project and the user's open lease in it (the common cases are
     # "no open lease" under load and "resume" on a page reload).
     project = conn.execute(
@@ -331,7 +345,7 @@ def next_task(
         {
             "slug": slug,
             "user_id": user.id,
-            "now": utcnow(),
+            "now": now,
             "exclude": list(exclude)[:MAX_EXCLUDE],
         },
     ).first()
@@ -347,6 +361,8 @@ def next_task(
         task = _task(session, lease=lease)
         session.rollback()  # end the read transaction
         return task
+    if max_open_leases is not None and project.live_leases >= max_open_leases:
+        _too_many_leases(session, user_id=user.id, now=now, held=project.live_leases)
 
     for _ in range(2):  # a second try only after losing a same-user race (unique violation)
         try:
@@ -354,6 +370,17 @@ def next_task(
         except IntegrityError:
             session.rollback()
     raise Conflict("could not assign a task, retry")
+
+
+def _too_many_leases(session: Session, *, user_id: int, now: datetime, held: int) -> None:
+    first = session.connection().execute(_FIRST_EXPIRY, {"user_id": user_id, "now": now}).scalar()
+    session.rollback()
+    wait = max(1, int((first - now).total_seconds()) + 1) if first is not None else 1
+    raise TooManyRequests(
+        f"you already hold {held} open tasks (the most one user may hold); submit or skip one "
+        "of them, or wait until one expires",
+        retry_after=wait,
+    )
 
 
 def _new_lease(session: Session, *, project: Any, user_id: int) -> Task | None:

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from app.errors import Conflict, NotFound, Unauthenticated
 from app.models import ApiToken, Role, User, WebSession, utcnow
 from app.security import hash_password, hash_token, new_token
+from app.services import audit
 from app.services.transactions import write_transaction
 
 LAST_USED_RESOLUTION = timedelta(minutes=1)
@@ -27,8 +28,14 @@ def get_user(session: Session, *, username: str) -> User:
 
 
 def create_user(
-    session: Session, *, username: str, role: Role, password: str | None = None
+    session: Session,
+    *,
+    username: str,
+    role: Role,
+    password: str | None = None,
+    actor: User | None = None,
 ) -> User:
+    """Create an account; ``actor`` (None: the command line) is recorded in the audit log."""
     # Hash before the transaction starts: argon2 is deliberately slow.
     password_hash = hash_password(password) if password else None
     write_transaction(session)
@@ -38,6 +45,15 @@ def create_user(
     user = User(username=username, role=role, password_hash=password_hash, active=True)
     session.add(user)
     try:
+        session.flush()
+        audit.record_user(
+            session,
+            actor=actor,
+            action="user.create",
+            user=user,
+            role=role.value,
+            can_log_in=bool(password_hash),
+        )
         session.commit()
     except IntegrityError:
         session.rollback()
@@ -45,29 +61,51 @@ def create_user(
     return user
 
 
-def list_users(session: Session) -> list[User]:
-    return list(session.scalars(select(User).order_by(User.id)))
+def list_users(session: Session, *, limit: int | None = None, offset: int = 0) -> list[User]:
+    """Users by id; ``limit``/``offset`` page through them (None: all)."""
+    return list(session.scalars(select(User).order_by(User.id).limit(limit).offset(offset)))
 
 
-def create_token(session: Session, *, username: str, name: str = "api") -> tuple[ApiToken, str]:
-    """Create a token for ``username``; returns the row and the secret (shown once)."""
+def create_token(
+    session: Session, *, username: str, name: str = "api", actor: User | None = None
+) -> tuple[ApiToken, str]:
+    """Create a token for ``username``; returns the row and the secret (shown once, and
+    never in the audit log, which records the token's id and name)."""
     write_transaction(session)
     user = get_user(session, username=username)
     secret = new_token()
     token = ApiToken(user_id=user.id, name=name, token_hash=hash_token(secret))
     session.add(token)
+    session.flush()
+    audit.record_user(
+        session, actor=actor, action="token.create", user=user, token_id=token.id, name=name
+    )
     session.commit()
     return token, secret
 
 
-def revoke_token(session: Session, *, token_id: int) -> ApiToken:
+def _revoke(session: Session, actor: User | None, token: ApiToken, owner: User) -> None:
+    was_revoked = token.revoked_at is not None
+    if not was_revoked:
+        token.revoked_at = utcnow()
+    audit.record_user(
+        session,
+        actor=actor,
+        action="token.revoke",
+        user=owner,
+        token_id=token.id,
+        name=token.name,
+        already_revoked=was_revoked,
+    )
+
+
+def revoke_token(session: Session, *, token_id: int, actor: User | None = None) -> ApiToken:
     write_transaction(session)
     token = session.get(ApiToken, token_id)
     if token is None:
         session.rollback()
         raise NotFound(f"token {token_id} not found")
-    if token.revoked_at is None:
-        token.revoked_at = utcnow()
+    _revoke(session, actor, token, token.user)
     session.commit()
     return token
 
@@ -118,10 +156,12 @@ def _touch_token(session: Session, *, token_id: int, now: datetime) -> None:
         session.rollback()
 
 
-def list_tokens(session: Session, *, username: str) -> list[ApiToken]:
+def list_tokens(
+    session: Session, *, username: str, limit: int | None = None, offset: int = 0
+) -> list[ApiToken]:
     user = get_user(session, username=username)
     query = select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id)
-    return list(session.scalars(query))
+    return list(session.scalars(query.limit(limit).offset(offset)))
 
 
 # --------------------------------------------------------------------------- admin pages
@@ -164,27 +204,43 @@ def user_with_tokens(session: Session, *, username: str) -> tuple[User, list[Api
 
 
 def set_user_active(
-    session: Session, *, username: str, active: bool, actor_id: int | None = None
+    session: Session,
+    *,
+    username: str,
+    active: bool,
+    actor: User | None = None,
+    actor_id: int | None = None,
 ) -> User:
     """Deactivate or reactivate an account. Deactivating ends its browser sessions at once
     (their rows are deleted); its tokens stay but are refused while it is inactive, and so is
-    logging in. ``actor_id``, the user making the change, may not deactivate itself."""
+    logging in. ``actor``, the user making the change (recorded in the audit log; None: the
+    command line), may not deactivate itself; ``actor_id`` alone checks that too."""
     write_transaction(session)
     user = session.scalar(select(User).where(User.username == username))
     if user is None:
         session.rollback()
         raise NotFound(f"user {username!r} not found")
+    if actor_id is None and actor is not None:
+        actor_id = actor.id
     if not active and actor_id is not None and user.id == actor_id:
         session.rollback()
         raise Conflict("you cannot deactivate your own account")
+    was_active = user.active
     user.active = active
+    ended = 0
     if not active:
-        session.execute(delete(WebSession).where(WebSession.user_id == user.id))
+        ended = session.execute(delete(WebSession).where(WebSession.user_id == user.id)).rowcount
+    action = "user.activate" if active else "user.deactivate"
+    audit.record_user(
+        session, actor=actor, action=action, user=user, was_active=was_active, sessions_ended=ended
+    )
     session.commit()
     return user
 
 
-def revoke_user_token(session: Session, *, username: str, token_id: int) -> ApiToken:
+def revoke_user_token(
+    session: Session, *, username: str, token_id: int, actor: User | None = None
+) -> ApiToken:
     """Revoke ``username``'s token ``token_id`` (:class:`NotFound` if it is not theirs)."""
     write_transaction(session)
     token = session.scalar(
@@ -195,7 +251,6 @@ def revoke_user_token(session: Session, *, username: str, token_id: int) -> ApiT
     if token is None:
         session.rollback()
         raise NotFound(f"user {username!r} has no token {token_id}")
-    if token.revoked_at is None:
-        token.revoked_at = utcnow()
+    _revoke(session, actor, token, token.user)
     session.commit()
     return token

@@ -3,7 +3,10 @@ on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,3 +80,33 @@ def test_migrations_do_not_import_app_models():
     # Migrations must keep working when the models change later.
     for path in Path(ROOT / "migrations" / "versions").glob("*.py"):
         assert "app.models" not in path.read_text(), path.name
+
+
+def test_replicas_migrating_at_once_take_turns(tmp_path):
+    """Several app replicas starting together each run `prefero db upgrade` (docker compose
+    --scale app=N): the advisory lock in migrations/env.py lets one migrate at a time."""
+    url, drop = create_database("postgresql", tmp_path)
+    try:
+        env = {**os.environ, "PREFERO_DATABASE_URL": url, "PREFERO_DATA_DIR": str(tmp_path)}
+        prefero = str(Path(sys.executable).with_name("prefero"))
+        procs = [
+            subprocess.Popen(
+                [prefero, "db", "upgrade"],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            for _ in range(3)
+        ]
+        outputs = [p.communicate(timeout=120)[0].decode() for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0], outputs
+        head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+        engine = make_engine(url)
+        try:
+            with engine.connect() as conn:
+                rows = conn.exec_driver_sql("SELECT version_num FROM alembic_version").all()
+        finally:
+            engine.dispose()
+        assert rows == [(head,)]
+    finally:
+        drop()

@@ -129,8 +129,18 @@
     return api("GET", config.urls.next + (query ? "?" + query : "")).then((res) => {
       if (res.status === 200 && res.data) return res.data;
       if (res.status === 204) return null;
-      throw new Error("next task: HTTP " + res.status);
+      const err = new Error("next task: HTTP " + res.status);
+      err.tooManyTasks = res.status === 429; // the per-user cap on open tasks
+      throw err;
     });
+  }
+
+  function fetchFailed(err) {
+    showAlert(
+      err && err.tooManyTasks
+        ? t("You hold too many open tasks (in other tabs or projects): submit or skip one of them, then check again.")
+        : t("The server could not be reached. Your answers are kept: try again.")
+    );
   }
 
   function leaseUrl(leaseId, action) {
@@ -675,7 +685,7 @@
         if (err && err.message === "unauthenticated") return;
         el.loading.hidden = true;
         el.done.hidden = false;
-        showAlert(t("The server could not be reached. Your answers are kept: try again."));
+        fetchFailed(err);
       }
     );
   }
@@ -987,9 +997,7 @@
       fetchNext([]).then(
         (task) => (task ? showTask(task) : showDone()),
         (err) => {
-          if (!err || err.message !== "unauthenticated") {
-            showAlert(t("The server could not be reached. Your answers are kept: try again."));
-          }
+          if (!err || err.message !== "unauthenticated") fetchFailed(err);
         }
       );
     });
@@ -1014,7 +1022,7 @@
       if (err && err.message === "unauthenticated") return;
       el.loading.hidden = true;
       el.done.hidden = false;
-      showAlert(t("The server could not be reached. Your answers are kept: try again."));
+      fetchFailed(err);
     }
   );
 })();
