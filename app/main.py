@@ -65,13 +65,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # thread never waits for one, no connection is opened and closed per request (the
         # pool's overflow), and fewer threads contend for the GIL.
         to_thread.current_default_thread_limiter().total_tokens = max(4, settings.db_pool_size)
-        # What exists now (modules, routes, schemas, the ORM's registry) lives as long as the
-        # process: keep it out of the cyclic collector, whose full collections would otherwise
-        # walk it again and again under load.
-        gc.collect()
-        gc.freeze()
+        _freeze_startup_heap()
         yield
-        gc.unfreeze()
         engine.dispose()
         worker_stopped()
 
@@ -123,6 +118,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_record_factory()
     _install_error_handlers(app)
     return app
+
+
+_heap_frozen = False
+
+
+def _freeze_startup_heap() -> None:
+    """What exists when the first app starts (modules, routes, schemas, the ORM's registry)
+    lives as long as the process: keep it out of the cyclic collector, whose full collections
+    would otherwise walk it again and again under load. Once per process: a full collection
+    per app start would cost every test that starts one."""
+    global _heap_frozen
+    if not _heap_frozen:
+        gc.collect()
+        gc.freeze()
+        _heap_frozen = True
 
 
 def _install_error_handlers(app: FastAPI) -> None:
