@@ -86,6 +86,14 @@ class RankTable:
         cids = np.asarray(cids, dtype=np.int64)
         if self.cids.size == 0:
             return np.full(cids.shape, -1, dtype=np.int64)
+        lo, hi = int(self.cids[0]), int(self.cids[-1])  # sorted
+        if hi - lo <= 4 * self.cids.size + 4096:  # dense ids: a lookup table, no search
+            table = np.full(hi - lo + 1, -1, dtype=np.int64)
+            table[self.cids - lo] = self.cid_slot
+            inside = (cids >= lo) & (cids <= hi)
+            out = np.full(cids.shape, -1, dtype=np.int64)
+            out[inside] = table[cids[inside] - lo]
+            return out
         at = np.clip(np.searchsorted(self.cids, cids), 0, self.cids.size - 1)
         return np.where(self.cids[at] == cids, self.cid_slot[at], -1)
 
@@ -96,11 +104,21 @@ class RankTable:
         if cids.size == 0 or self.cids.size == 0:
             return out
         flat_ids = self.slot_ids.ravel()
+        flat = out.ravel()
+        lo, hi = int(cids.min()), int(cids.max())
+        if hi - lo <= 4 * cids.size + 4096:  # dense ids: a lookup table, no sort
+            where = np.full(hi - lo + 1, -1, dtype=np.int64)
+            where[cids - lo] = np.arange(cids.size)
+            inside = (flat_ids >= lo) & (flat_ids <= hi)
+            at = np.full(flat_ids.size, -1, dtype=np.int64)
+            at[inside] = where[flat_ids[inside] - lo]
+            hit = at >= 0
+            flat[hit] = np.asarray(values)[at[hit]]
+            return flat.reshape(out.shape)
         order = np.argsort(cids)
         sorted_ids = cids[order]
         at = np.clip(np.searchsorted(sorted_ids, flat_ids), 0, sorted_ids.size - 1)
         hit = (sorted_ids[at] == flat_ids) & (flat_ids >= 0)
-        flat = out.ravel()
         flat[hit] = np.asarray(values)[order][at[hit]]
         return flat.reshape(out.shape)
 
@@ -126,6 +144,39 @@ def encode_rankings(
     )
 
 
+def unique_ids(
+    values: Sequence[int] | np.ndarray, *, first_index: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``np.unique(values, return_inverse=True[, return_index=True])`` for integer ids: the
+    distinct values ascending, each value's position among them and, with ``first_index``,
+    where each distinct value first occurs. Ids are dense (a range not much wider than their
+    count), so a presence table over the range does it in linear time; ``np.unique`` sorts
+    (the largest single cost of the statistics, which call it on millions of ids)."""
+    a = np.asarray(values, dtype=np.int64).reshape(-1)
+    if a.size == 0:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty if first_index else None
+    lo, hi = int(a.min()), int(a.max())
+    if hi - lo > 4 * a.size + 4096:  # sparse: the table would be wasteful
+        if first_index:
+            keys, index, inverse = np.unique(a, return_index=True, return_inverse=True)
+            return keys, inverse.reshape(-1), index
+        keys, inverse = np.unique(a, return_inverse=True)
+        return keys, inverse.reshape(-1), None
+    offset = a - lo
+    present = np.zeros(hi - lo + 1, dtype=bool)
+    present[offset] = True
+    keys = np.flatnonzero(present) + lo
+    rank = np.cumsum(present, dtype=np.int64) - 1
+    inverse = rank[offset]
+    index = None
+    if first_index:
+        first = np.empty(hi - lo + 1, dtype=np.int64)
+        first[offset[::-1]] = np.arange(a.size - 1, -1, -1)  # the last write (first seen) wins
+        index = first[keys - lo]
+    return keys, inverse, index
+
+
 def _encode(
     prompt_ids: Sequence[int] | np.ndarray,
     annotator_ids: Sequence[int] | np.ndarray,
@@ -138,10 +189,8 @@ def _encode(
 ) -> RankTable:
     """The table from flat arrays: completion ``ids[i]`` is ranked by annotation ``owner[i]``
     in the group ``group_key[i]`` (equal keys = one group; both arrays in ranking order)."""
-    prompt_keys, p_idx = np.unique(np.asarray(prompt_ids, dtype=np.int64), return_inverse=True)
-    annotator_keys, u_idx = np.unique(
-        np.asarray(annotator_ids, dtype=np.int64), return_inverse=True
-    )
+    prompt_keys, p_idx, _ = unique_ids(prompt_ids)
+    annotator_keys, u_idx, _ = unique_ids(annotator_ids)
     m = ids.size
     index = np.arange(m)
     new_group = np.ones(m, dtype=bool)
@@ -156,7 +205,8 @@ def _encode(
     mid = (group_first - row_first) + (size + 1) / 2.0
     is_top = group_first == row_first
     # Slots: each prompt's ranked completion ids in ascending order.
-    cids, first_at = np.unique(ids, return_index=True)
+    cids, cid_of, first_at = unique_ids(ids, first_index=True)
+    assert first_at is not None
     cid_prompt = p_idx[owner[first_at]] if cids.size else np.zeros(0, np.int64)
     order = np.lexsort((cids, cid_prompt))
     by_prompt = cid_prompt[order]
@@ -164,7 +214,7 @@ def _encode(
     cid_slot = np.empty(cids.size, dtype=np.int64)
     cid_slot[order] = np.arange(cids.size) - starts
     k = int(cid_slot.max()) + 1 if cids.size else 0
-    slot = cid_slot[np.searchsorted(cids, ids)] if m else ids
+    slot = cid_slot[cid_of] if m else ids
     pos = np.full((n, k), np.nan)
     top = np.zeros((n, k), dtype=bool)
     pos[owner, slot] = mid
@@ -213,11 +263,9 @@ class IntLists:
 
 
 _SEP = ";"
-_ALLOWED = frozenset(b'0123456789[]{}",: ;')
-_BAD_BYTE = np.asarray([b not in _ALLOWED for b in range(256)])
-_IS_DIGIT = np.asarray([48 <= b <= 57 for b in range(256)])
-_DIGIT = np.asarray([max(b - 48, 0) if b <= 57 else 0 for b in range(256)], dtype=np.int64)
-_POW10 = 10 ** np.arange(19, dtype=np.int64)
+_DELETE_ALLOWED = str.maketrans("", "", '0123456789[]{}",: ;')
+_TO_SPACE = str.maketrans(']{}",:', "      ")
+_INT64_MAX = np.iinfo(np.int64).max
 
 
 def parse_int_json(texts: Sequence[str | None]) -> IntLists | None:
@@ -230,38 +278,34 @@ def parse_int_json(texts: Sequence[str | None]) -> IntLists | None:
 
 def parse_int_text(joined: str | None) -> IntLists | None:
     """:func:`parse_int_json` of texts already joined by ``;`` (as a database aggregates
-    them)."""
+    them).
+
+    The text becomes a stream of numbers that numpy's C reader takes in one pass: every ``[``
+    turns into the marker −1, every ``;`` (the end of a text) into −2, every other
+    non-digit into a space; running counts of the markers then give each integer its text and
+    its brackets. Only str methods and whole-array numpy operations touch the data."""
     joined = joined or ""
-    try:
-        data = np.frombuffer(joined.encode("ascii"), dtype=np.uint8)
-    except UnicodeEncodeError:
-        return None
-    if np.bincount(data, minlength=256)[_BAD_BYTE].any():  # one pass, no byte-sized mask
-        return None
-    digit = _IS_DIGIT[data]
-    edges = np.diff(digit.view(np.int8), prepend=np.int8(0), append=np.int8(0))
-    starts = np.flatnonzero(edges == 1)
-    lengths = np.flatnonzero(edges == -1) - starts
-    if lengths.size and lengths.max() > 18:
-        return None  # would overflow int64
-    positions = np.flatnonzero(digit)
-    exponent = np.repeat(starts + lengths - 1, lengths) - positions
-    weights = _DIGIT[data[positions]] * _POW10[exponent]
-    value = (
-        np.add.reduceat(weights, np.cumsum(lengths) - lengths)
-        if starts.size
-        else np.zeros(0, np.int64)
-    )
-    if not starts.size:
-        return IntLists(starts, value, starts)
-    # Which text each integer is in, and how many '[' precede it in that text: counted by
-    # binary search over the separators' and brackets' positions (far fewer than the bytes).
-    seps = np.flatnonzero(data == ord(_SEP))
-    opens = np.flatnonzero(data == ord("["))
-    row = np.searchsorted(seps, starts).astype(np.int64)
-    before_text = np.concatenate(([0], np.searchsorted(opens, seps)))
-    bracket = (np.searchsorted(opens, starts) - before_text[row]).astype(np.int64)
-    return IntLists(row, value, bracket)
+    if not joined.isascii() or joined.translate(_DELETE_ALLOWED):
+        return None  # something besides integers, brackets, braces and quoted digits
+    stream = joined.replace("[", " -1 ").replace(_SEP, " -2 ").translate(_TO_SPACE)
+    if stream.isspace() or not stream:  # numpy would read one 0 out of blanks alone
+        return IntLists(*(np.zeros(0, np.int64) for _ in range(3)))
+    tokens = np.fromstring(stream, dtype=np.int64, sep=" ")  # text mode: C parser
+    del stream
+    opens, seps, is_int = tokens == -1, tokens == -2, tokens >= 0
+    if int(opens.sum()) != joined.count("[") or int(seps.sum()) != joined.count(_SEP):
+        return None  # the reader stopped early
+    value = tokens[is_int]
+    del tokens
+    if value.size and value.max() == _INT64_MAX:
+        return None  # saturated: beyond int64
+    # Running counts in int32 (half the memory traffic of int64 on millions of tokens).
+    seps_before = np.cumsum(seps, dtype=np.int32)
+    opens_before = np.cumsum(opens, dtype=np.int32)
+    row = seps_before[is_int]
+    at_text_start = np.concatenate((np.zeros(1, np.int32), opens_before[seps]))
+    bracket = opens_before[is_int] - at_text_start[row]
+    return IntLists(row.astype(np.int64), value, bracket.astype(np.int64))
 
 
 def encode_ranking_texts(
@@ -566,7 +610,7 @@ def model_wins(
     if not codes:
         return np.zeros((table.n_prompts, 0)), np.zeros((0, 2), dtype=np.int64)
     code = np.concatenate(codes)
-    used, column = np.unique(code, return_inverse=True)
+    used, column, _ = unique_ids(code)
     cells = np.concatenate(prompts) * used.size + column
     rows = np.bincount(cells, minlength=table.n_prompts * used.size).astype(np.float64)
     pairs = np.stack([used // max(n_models, 1), used % max(n_models, 1)], 1)
@@ -633,7 +677,7 @@ def resample_sums(
     if n == 0:
         return np.zeros((resamples, dim))
     rng = np.random.default_rng(seed)
-    distinct, counts = np.unique(rows, axis=0, return_counts=True)
+    distinct, counts = _distinct_rows(rows)
     if distinct.shape[0] <= max_groups:
         draws = rng.multinomial(n, counts / n, size=resamples)
         return draws @ distinct
@@ -646,6 +690,23 @@ def resample_sums(
     picks += np.arange(resamples)[:, None] * max_groups
     draws = np.bincount(picks.ravel(), minlength=resamples * max_groups)
     return draws.reshape(resamples, max_groups) @ sums
+
+
+def _distinct_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(rows, axis=0, return_counts=True)``: the distinct rows in lexicographic
+    order and their counts. Rows of small non-negative integers (counts, as here) are read as
+    the digits of one integer, most significant first, so the same order comes from a linear
+    pass instead of a sort of whole rows."""
+    n, dim = rows.shape
+    if n and np.all(rows >= 0) and np.all(rows == np.floor(rows)):
+        base = int(rows.max()) + 1
+        if dim * math.log2(base + 1) < 62:
+            weights = base ** np.arange(dim - 1, -1, -1, dtype=np.int64)
+            code = rows.astype(np.int64) @ weights
+            _, inverse, first = unique_ids(code, first_index=True)
+            assert first is not None
+            return rows[first], np.bincount(inverse)
+    return np.unique(rows, axis=0, return_counts=True)
 
 
 def interval(samples: np.ndarray, level: float = 0.95) -> tuple[float | None, float | None]:

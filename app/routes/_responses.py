@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
+
+from fastapi import Response
+from pydantic import BaseModel
 
 from app.schemas import ErrorBody
 
@@ -31,3 +35,18 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 AUTHENTICATED = errors(401, 403, 503)
 """Every /api/v1 route: the caller is checked and the database is used."""
+
+
+class JSONBody(Response):
+    """A pydantic model as a JSON answer, serialised by pydantic itself (as FastAPI would
+    serialise it for ``response_model``), without FastAPI's re-validation of the value."""
+
+    media_type = "application/json"
+
+    def __init__(
+        self,
+        model: BaseModel,
+        status_code: int = 200,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(model.model_dump_json(), status_code=status_code, headers=headers)

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
 from app.deps import AdminUser, SessionDep, SettingsDep
-from app.routes._responses import AUTHENTICATED, errors
+from app.routes._responses import AUTHENTICATED, JSONBody, errors
 from app.schemas import ProjectStats
 from app.services import stats
 from app.services.stats import CsvTable
@@ -20,13 +20,12 @@ router = APIRouter(prefix="/api/v1", tags=["stats"], responses=AUTHENTICATED)
 
 
 @router.get("/projects/{slug}/stats", response_model=ProjectStats, responses=errors(404, 422))
-def project_stats(
-    slug: str, session: SessionDep, settings: SettingsDep, _: AdminUser
-) -> ProjectStats:
+def project_stats(slug: str, session: SessionDep, settings: SettingsDep, _: AdminUser) -> Response:
     """Progress, inter-annotator agreement (with a bootstrap 95 % interval), Krippendorff's alpha,
     each annotator's agreement, position and length biases (outliers flagged), and a
     Bradley–Terry leaderboard of the completions' models. Only current annotations count."""
-    return stats.project_stats(session, slug=slug, secret=settings.get_secret_key())
+    # Serialised here: FastAPI would validate the whole model again in another thread.
+    return JSONBody(stats.project_stats(session, slug=slug, secret=settings.get_secret_key()))
 
 
 @router.get("/projects/{slug}/stats.csv", response_class=Response, responses=errors(404, 422))

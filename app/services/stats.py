@@ -4,14 +4,17 @@ leaderboard, for the admin dashboard, ``GET /api/v1/projects/{slug}/stats`` and 
 Only *current* annotations count: the highest revision of each (prompt, annotator), submitted
 (rankings, agreement, biases) or skipped (the skip rate). Four lean queries fetch plain columns
 (JSON as text, parsed in one call per column), and the arithmetic is numpy, in ``app.metrics``
-(definitions in ``docs/metrics.md``).
+(definitions in ``docs/metrics.md``). On PostgreSQL two of the queries run on a second
+connection in the same snapshot while the annotations are read (:func:`_begin_parallel`).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import re
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
@@ -29,6 +32,7 @@ from sqlalchemy import (
     literal_column,
     select,
 )
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from app import metrics
@@ -69,27 +73,64 @@ def project_stats(
     seed: int = metrics.SEED,
 ) -> ProjectStats:
     """Every statistic of the project ``slug``. ``secret`` keys the annotators' pseudonyms."""
+    side = _begin_parallel(session)
     project = get_project(session, slug=slug)
     now = datetime.now(UTC)
-    rows = _current_annotations(session, project)
+    # PostgreSQL: the side queries run on a second connection while this one reads the
+    # annotations. (Running the numpy metrics in threads too was slower: they contend for the
+    # GIL more than they overlap.)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        later = pool.submit(_side_queries, *side, project) if side else None
+        rows = _current_annotations(session, project)
+        table = _rank_table(session, project, rows, np.flatnonzero(rows["submitted"]))
+        if later is not None:
+            (comp_ids, comp_group, comp_lengths, group_names), (skip_texts, flag_texts) = (
+                later.result()
+            )
+        else:
+            comp_ids, comp_group, comp_lengths, group_names = _completions(session, project)
+            skip_texts, flag_texts = _sparse_columns(session, project)
+    stats = _project_stats(
+        session, project, now, secret, rows, table, comp_ids, comp_lengths, skip_texts,
+        flag_texts, resamples=resamples, seed=seed,
+    )  # fmt: skip
+    stats.models, stats.model_pairs = _leaderboard(
+        table, comp_ids, comp_group, group_names, resamples=resamples, seed=seed
+    )
+    stats.agreement.ranking_alpha = metrics.rank_alpha(table)
+    return stats
+
+
+def _project_stats(
+    session: Session,
+    project: Project,
+    now: datetime,
+    secret: str,
+    rows: dict[str, Any],
+    table: metrics.RankTable,
+    comp_ids: np.ndarray,
+    comp_lengths: np.ndarray,
+    skip_texts: Keyed,
+    flag_texts: Keyed,
+    *,
+    resamples: int,
+    seed: int,
+) -> ProjectStats:
+    """Everything but the leaderboard and the ranking alpha."""
     submitted = rows["submitted"]
     skipped = ~submitted
     sub = np.flatnonzero(submitted)
-    table = _rank_table(session, project, rows, sub)
-    comp_ids, comp_group, comp_lengths, group_names = _completions(session, project, table)
     agree = metrics.agreement(table)
     bias = metrics.position_bias(table)
     lengths = table.per_slot(comp_ids, comp_lengths.astype(np.float64), np.nan)
     longer_won, length_pairs = metrics.length_bias(table, lengths)
     scores = _likert_scores(session, project, table, rows, sub)
     likert = metrics.likert_agreement(table, scores)
-    skip_texts, flag_texts = _sparse_columns(session, project)
     flagged, flag_counts = _flags(flag_texts, rows, sub)
 
     # Annotators: everyone with a current annotation, submitted or skipped.
-    user_keys = np.unique(rows["user"])
+    user_keys, u_all, _ = metrics.unique_ids(rows["user"])
     usernames = _usernames(session, user_keys)
-    u_all = np.searchsorted(user_keys, rows["user"])
     u_sub = np.searchsorted(user_keys, table.annotator_keys)[table.annotator]
     n_users = user_keys.size
     durations = rows["duration"][sub]
@@ -156,9 +197,6 @@ def project_stats(
         agree.prompt_agree, agree.prompt_compared, resamples=resamples, seed=seed
     )
     per_prompt = np.bincount(table.prompt, minlength=table.n_prompts)
-    models, model_pairs = _leaderboard(
-        table, comp_ids, comp_group, group_names, resamples=resamples, seed=seed
-    )
     return ProjectStats(
         slug=project.slug,
         name=project.name,
@@ -175,7 +213,7 @@ def project_stats(
                 ci_high=pairwise_high,
                 prompts=int((per_prompt >= 2).sum()),
             ),
-            ranking_alpha=metrics.rank_alpha(table),
+            ranking_alpha=None,  # filled in by project_stats
             likert_alpha=likert.alpha,
             likert_pairs=likert.pairs,
             likert_exact=likert.exact,
@@ -191,8 +229,8 @@ def project_stats(
             float(length_pairs.sum()),
         ),
         annotators=annotators,
-        models=models,
-        model_pairs=model_pairs,
+        models=[],  # filled in by project_stats
+        model_pairs=[],
         flags=[FlagCount(flag=f, count=n) for f, n in flag_counts.most_common()],
         outlier_rule=OutlierRule(
             mads=metrics.OUTLIER_MADS,
@@ -204,6 +242,45 @@ def project_stats(
             threshold=threshold,
         ),
     )
+
+
+# --------------------------------------------------------------------------- parallel reads
+
+_SNAPSHOT_ID = re.compile(r"[0-9A-F]+-[0-9A-F]+(-[0-9A-F]+)?")
+
+
+def _begin_parallel(session: Session) -> tuple[Engine, str] | None:
+    """On PostgreSQL, make the session's transaction REPEATABLE READ and export its snapshot,
+    so that a second connection can read the completions and the sparse columns *while* this
+    one reads and parses the annotations, both seeing exactly the same data (the way
+    ``pg_dump --jobs`` reads in parallel). Returns (engine, snapshot id), or None to read
+    everything on the session: SQLite, or a session bound to a connection (whose own
+    uncommitted work another connection could not see) or already inside a transaction."""
+    bind = session.get_bind()
+    if not isinstance(bind, Engine) or bind.dialect.name != "postgresql":
+        return None
+    if session.in_transaction():
+        return None
+    conn = session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+    snapshot = conn.exec_driver_sql("SELECT pg_export_snapshot()").scalar_one()
+    return bind, snapshot
+
+
+def _side_queries(
+    engine: Engine, snapshot: str, project: Project
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, list[str | None]], tuple[Keyed, Keyed]]:
+    """:func:`_completions` and :func:`_sparse_columns` on a connection of their own, in the
+    exported ``snapshot`` (the pool's overflow has room: a request thread holds at most one
+    pooled connection of its own)."""
+    if not _SNAPSHOT_ID.fullmatch(snapshot):
+        raise ValueError(f"unexpected snapshot id {snapshot!r}")
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="REPEATABLE READ")
+        conn.exec_driver_sql(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+        try:
+            return _completions(conn, project), _sparse_columns(conn, project)
+        finally:
+            conn.rollback()
 
 
 # --------------------------------------------------------------------------- queries
@@ -287,11 +364,11 @@ def _row_texts(
 Keyed = dict[tuple[int, int, int], str | None]
 
 
-def _sparse_columns(session: Session, project: Project) -> tuple[Keyed, Keyed]:
+def _sparse_columns(db: Session | Connection, project: Project) -> tuple[Keyed, Keyed]:
     """(prompt, user, revision) → skip reason of the skipped annotations, and → flags (JSON
     text) of the flagged ones: the few rows that have either, in one query."""
     a = Annotation
-    if session.get_bind().dialect.name == "postgresql":  # jsonb: no text conversion per row
+    if _dialect(db) == "postgresql":  # jsonb: no text conversion per row
         some_flags = a.flags.op("<>")(literal_column("'{}'::jsonb"))
     else:
         some_flags = cast(a.flags, Text) != "{}"
@@ -306,7 +383,7 @@ def _sparse_columns(session: Session, project: Project) -> tuple[Keyed, Keyed]:
     ).where(a.project_id == project.id, skipped | some_flags)
     reasons: Keyed = {}
     flags: Keyed = {}
-    for p, u, r, is_skip, reason, flag_text in _fetch(session, query):
+    for p, u, r, is_skip, reason, flag_text in _fetch(db, query):
         if is_skip:
             reasons[(p, u, r)] = reason
         else:
@@ -346,11 +423,15 @@ def _keys(rows: dict[str, Any], index: np.ndarray) -> list[tuple[int, int, int]]
     )
 
 
-def _fetch(session: Session, query: Any) -> list[tuple[Any, ...]]:
+def _dialect(db: Session | Connection) -> str:
+    return db.get_bind().dialect.name if isinstance(db, Session) else db.dialect.name
+
+
+def _fetch(db: Session | Connection, query: Any) -> list[tuple[Any, ...]]:
     """The rows as the driver returns them: plain tuples, without building a SQLAlchemy row
     per tuple (a third of the time on 250,000 rows). The columns selected need no result
     processing (integers, text)."""
-    result = session.connection().execute(query)
+    result = (db.connection() if isinstance(db, Session) else db).execute(query)
     try:
         return result.cursor.fetchall()
     finally:
@@ -387,16 +468,14 @@ def _ranking_or_empty(value: Any) -> list[list[int]]:
 
 
 def _completions(
-    session: Session, project: Project, table: metrics.RankTable
+    db: Session | Connection, project: Project
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str | None]]:
     """Id, model (an index into the returned names) and length (UTF-8 bytes) of the project's
     completions: one row per model, "id:length,…" aggregated by the database and read by
     numpy. Bytes, not characters: counting characters decodes every text (four times the
     time of the whole query on PostgreSQL), and which of two answers is longer rarely
     differs."""
-    if table.cids.size == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), []
-    if session.get_bind().dialect.name == "postgresql":
+    if _dialect(db) == "postgresql":
         size: Any = func.octet_length(Completion.text)
     else:  # SQLite < 3.43 has no octet_length()
         size = func.length(cast(Completion.text, LargeBinary))
@@ -408,7 +487,7 @@ def _completions(
         .group_by(Completion.model)
     )
     ids, lengths, groups, names = [], [], [], []
-    for model, text in _fetch(session, query):
+    for model, text in _fetch(db, query):
         parsed = metrics.parse_int_json([text])
         if parsed is None:  # cannot happen: "digits:digits,…"
             raise ValueError("unexpected completion lengths")
@@ -524,8 +603,9 @@ def _likert_scores(
         parsed = parsed.take(rows["rows"][sub], rows["n_rows"])
         per_row = np.bincount(parsed.row, minlength=sub.size)
         if not (per_row % 2).any():
-            index = np.arange(parsed.value.size)
-            is_key = (index - np.searchsorted(parsed.row, parsed.row)) % 2 == 0
+            # Every text holds an even count (key, score, key, score…), so each starts at an
+            # even position of the flat array: keys are exactly the even positions.
+            is_key = np.arange(parsed.value.size) % 2 == 0
             owner = parsed.row[is_key]
             cids, values = parsed.value[is_key], parsed.value[~is_key].astype(np.float64)
             slots = table.slots_of(cids)

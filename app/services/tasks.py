@@ -40,9 +40,9 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     and_,
-    any_,
     bindparam,
     case,
+    cast,
     exists,
     func,
     insert,
@@ -96,6 +96,7 @@ QUEUE_HEAD_WINDOW = 64
 LABELS = "ABCDEFGHIJKLMNOP"
 
 _rng = random.SystemRandom()
+_spread_rng = random.Random()  # load spreading only: no need for the system's entropy
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,9 +181,12 @@ _NEW_TO_USER = (
         .where(_L.c.user_id == bindparam("user_id"), _L.c.prompt_id == _P.c.id)
         .offset(_n(0))
     ),
+    # "+ 0": probe by prompt (a handful of rows, bounded by the overlap), never by user (all
+    # of an annotator's annotations, which a plan made without statistics would otherwise
+    # choose through the (user_id, created_at) index, and which grows with their work).
     ~exists(
         select(literal(1))
-        .where(_A.c.prompt_id == _P.c.id, _A.c.user_id == bindparam("user_id"))
+        .where(_A.c.prompt_id == _P.c.id, (_A.c.user_id + 0) == bindparam("user_id"))
         .offset(_n(0))
     ),
     _READY,
@@ -208,24 +212,36 @@ def _candidate_query(*extra: Any, order: Any = _PRIORITY, slot: Any = _HAS_FREE_
 # has annotated yet, and (3) only when both find nothing (the end of a project), at the whole
 # queue.
 _QUEUE_HEAD = (
-    select(_P.c.id).where(*_HAS_FREE_SLOT).order_by(*_PRIORITY).limit(_n(QUEUE_HEAD_WINDOW))
+    select(_P.c.id, _P.c.annotation_count)
+    .where(*_HAS_FREE_SLOT)
+    .order_by(*_PRIORITY)
+    .limit(_n(QUEUE_HEAD_WINDOW))
 )
-# The same order written so that no index provides it ("+ 0"): the plan must fetch the few
-# head rows by primary key and sort them, never walk the queue index filtering on the ids
-# (which a generic plan, not knowing how many ids there are, would otherwise choose).
-# The free-slot re-check (on the locked row's newest version) is likewise written without an
-# indexable condition: a bitmap scan of the queue index's whole range, dead entries of the
-# constantly updated head rows included, would otherwise join the key lookups.
-_HEAD_ORDER = ((_P.c.annotation_count + 0).desc(), (_P.c.id + 0).desc())
+# PostgreSQL: the head's ids are walked in the order fetched (a nested loop over the array,
+# each id looked up by primary key), so the per-user checks run only until the first prompt
+# that passes and is not locked by someone else — typically one or two rows, not all 64:
+# sorting them again would evaluate every check (two index probes) for every head row first
+# (0.7 ms of PostgreSQL CPU per request, the most expensive statement of the labeling loop).
+# The free-slot re-check (on the locked row's newest version) is written without an indexable
+# condition, so the plan stays primary-key lookups, never a scan of the queue index's range.
 _HEAD_SLOT = (_P.c.annotation_count + _P.c.open_leases < bindparam("overlap"),)
+_HEAD_IDS = (
+    func.unnest(bindparam("head", type_=postgresql.ARRAY(BigInteger)))
+    .table_valued("id")
+    .render_derived(name="head")
+)
 _IN_HEAD = {
-    "postgresql": _candidate_query(
-        _P.c.id == any_(bindparam("head", type_=postgresql.ARRAY(BigInteger))),
-        order=_HEAD_ORDER,
-        slot=_HEAD_SLOT,
-    ),
+    "postgresql": select(_P.c.id, _P.c.messages)
+    .select_from(_HEAD_IDS.join(_P, _P.c.id == _HEAD_IDS.c.id))
+    .where(*_HEAD_SLOT, *_NEW_TO_USER)
+    .limit(_n(1))
+    .with_for_update(of=_P, key_share=True, skip_locked=True),
+    # SQLite (one writer at a time, no arrays): the same rows, in priority order; the "+ 0"
+    # keeps the queue index out of the plan (the few head rows are looked up by key).
     "sqlite": _candidate_query(
-        _P.c.id.in_(bindparam("head", expanding=True)), order=_HEAD_ORDER, slot=_HEAD_SLOT
+        _P.c.id.in_(bindparam("head", expanding=True)),
+        order=((_P.c.annotation_count + 0).desc(), (_P.c.id + 0).desc()),
+        slot=_HEAD_SLOT,
     ),
 }
 _FRESH = _candidate_query(_P.c.annotation_count == 0)
@@ -307,6 +323,65 @@ _CLOSE_LEASE = (
     .values(status=bindparam("new_status"), closed_at=bindparam("closed"))
 )
 _INSERT_ANNOTATION = insert(_A).returning(_A.c.id)
+
+
+def _typed(table: Any, names: Sequence[str]) -> list[Any]:
+    """Bound parameters ``v_<column>``, typed like ``table``'s columns (cast, so that
+    PostgreSQL knows their types inside a SELECT list). Not the columns' own names: SQLAlchemy
+    would take a parameter named like a column of an UPDATE's table as a value to SET."""
+    return [cast(bindparam(f"v_{n}", type_=table.c[n].type), table.c[n].type) for n in names]
+
+
+def _prefixed(values: dict[str, Any]) -> dict[str, Any]:
+    return {f"v_{k}": v for k, v in values.items()}
+
+
+# PostgreSQL: the writes of a new lease, and of a submit, as one statement each (data-modifying
+# CTEs that feed each other through RETURNING): one round trip instead of two or three, so the
+# prompt's row lock is held for one statement and the commit. SQLite runs them one by one.
+_LEASE_COLUMNS = (
+    "project_id", "prompt_id", "user_id", "status", "display_order", "created_at",
+    "expires_at", "closed_at",
+)  # fmt: skip
+_slot_taken = (
+    update(_P)
+    .where(_P.c.id == bindparam("v_prompt_id"))
+    .values(open_leases=_P.c.open_leases + 1)
+    .returning(_P.c.id)
+    .cte("slot_taken")
+)
+_new_lease = (
+    insert(_L)
+    .from_select(_LEASE_COLUMNS, select(*_typed(_L, _LEASE_COLUMNS)).select_from(_slot_taken))
+    .returning(_L.c.id)
+    .cte("new_lease")
+)
+_LEASE_AND_SLOT = select(_new_lease.c.id)
+_ANNOTATION_COLUMNS = tuple(c.name for c in _A.c if c.name != "id")
+# The count moves only while the prompt is below its overlap; the annotation and the lease's
+# new status are written only when it did (no row back: nothing written, see submit()).
+_counted = (
+    update(_P)
+    .where(_P.c.id == bindparam("v_prompt_id"), _P.c.annotation_count < bindparam("v_overlap"))
+    .values(annotation_count=_P.c.annotation_count + 1, open_leases=_P.c.open_leases - 1)
+    .returning(_P.c.id)
+    .cte("counted")
+)
+_new_annotation = (
+    insert(_A)
+    .from_select(
+        _ANNOTATION_COLUMNS, select(*_typed(_A, _ANNOTATION_COLUMNS)).select_from(_counted)
+    )
+    .returning(_A.c.id)
+    .cte("new_annotation")
+)
+_lease_submitted = (
+    update(_L)
+    .where(_L.c.id == bindparam("v_lease_id"), exists(select(_counted.c.id)))
+    .values(status=LeaseStatus.submitted, closed_at=bindparam("v_created_at"))
+    .cte("lease_submitted")
+)
+_RECORD_SUBMIT = select(_new_annotation.c.id).add_cte(_lease_submitted)
 
 
 def _candidates(project: Any, user_id: int):
@@ -407,20 +482,21 @@ def _new_lease(session: Session, *, project: Any, user_id: int) -> Task | None:
     )
     _rng.shuffle(shown)
     expires_at = now + timedelta(seconds=project.lease_seconds)
-    lease_id = conn.execute(
-        _INSERT_LEASE,
-        {
-            "project_id": project.id,
-            "prompt_id": prompt_id,
-            "user_id": user_id,
-            "status": LeaseStatus.open,
-            "display_order": [c.id for c in shown],
-            "created_at": now,
-            "expires_at": expires_at,
-            "closed_at": None,
-        },
-    ).scalar_one()
-    conn.execute(_TAKE_SLOT, {"pid": prompt_id})
+    values = {
+        "project_id": project.id,
+        "prompt_id": prompt_id,
+        "user_id": user_id,
+        "status": LeaseStatus.open,
+        "display_order": [c.id for c in shown],
+        "created_at": now,
+        "expires_at": expires_at,
+        "closed_at": None,
+    }
+    if conn.dialect.name == "postgresql":
+        lease_id = conn.execute(_LEASE_AND_SLOT, _prefixed(values)).scalar_one()
+    else:
+        lease_id = conn.execute(_INSERT_LEASE, values).scalar_one()
+        conn.execute(_TAKE_SLOT, {"pid": prompt_id})
     session.commit()
     return Task(
         lease_id=lease_id,
@@ -438,7 +514,7 @@ def _find_candidate(conn: Any, *, project: Any, user_id: int) -> Any:
         "overlap": project.overlap,
         "user_id": user_id,
     }
-    head = list(conn.execute(_QUEUE_HEAD, params).scalars())
+    head = _spread(conn.execute(_QUEUE_HEAD, params).all())
     if head:
         in_head = _IN_HEAD.get(conn.dialect.name, _IN_HEAD["sqlite"])
         row = conn.execute(in_head, {**params, "head": head}).first()
@@ -447,6 +523,21 @@ def _find_candidate(conn: Any, *, project: Any, user_id: int) -> Any:
     if len(head) < QUEUE_HEAD_WINDOW:
         return None  # the head was the whole queue
     return conn.execute(_FRESH, params).first() or conn.execute(_ANYWHERE, params).first()
+
+
+def _spread(rows: Sequence[Any]) -> list[int]:
+    """The head's prompt ids, most annotated first, in random order among equals: concurrent
+    requests then try different rows first instead of all queueing behind (or skipping past)
+    the same one or two, which every request would otherwise evaluate and find locked."""
+    out: list[int] = []
+    start = 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i][1] != rows[start][1]:
+            run = [r[0] for r in rows[start:i]]
+            _spread_rng.shuffle(run)
+            out += run
+            start = i
+    return out
 
 
 def _task(session: Session, *, lease: Lease) -> Task:
@@ -572,29 +663,35 @@ def submit(session: Session, *, lease_id: int, user: User, data: SubmitAnnotatio
         raise InvalidInput("annotation rejected; nothing was written", errors=errors)
 
     conn = session.connection()
-    counted = conn.execute(_COUNT_ANNOTATION, {"pid": lease.prompt_id, "overlap": lease.overlap})
-    if counted.rowcount != 1:  # the overlap was lowered below what this prompt already has
+    values = _annotation_values(
+        lease,
+        user,
+        now,
+        status=AnnotationStatus.submitted,
+        ranking=[list(group) for group in data.ranking],
+        likert={str(int(k)): v for k, v in data.likert.items()},
+        flags={str(int(k)): list(v) for k, v in data.flags.items() if v},
+        rationale=data.rationale.strip(),
+        duration_ms=data.duration_ms,
+        strength=data.strength,
+        both_bad=data.both_bad,
+    )
+    annotation_id: int | None = None
+    if conn.dialect.name == "postgresql":  # count, insert and close in one statement
+        params = _prefixed({**values, "overlap": lease.overlap})
+        annotation_id = conn.execute(_RECORD_SUBMIT, params).scalar()
+    else:
+        counted = conn.execute(
+            _COUNT_ANNOTATION, {"pid": lease.prompt_id, "overlap": lease.overlap}
+        )
+        if counted.rowcount == 1:
+            annotation_id = conn.execute(_INSERT_ANNOTATION, values).scalar_one()
+            _close(session, lease, LeaseStatus.submitted, now)
+    if annotation_id is None:  # the overlap was lowered below what this prompt already has
         _close(session, lease, LeaseStatus.expired, now)
         conn.execute(_GIVE_SLOT_BACK, {"pid": lease.prompt_id, "n": 1})
         session.commit()
         raise Conflict("this prompt already has all the annotations it needs")
-    annotation_id = conn.execute(
-        _INSERT_ANNOTATION,
-        _annotation_values(
-            lease,
-            user,
-            now,
-            status=AnnotationStatus.submitted,
-            ranking=[list(group) for group in data.ranking],
-            likert={str(int(k)): v for k, v in data.likert.items()},
-            flags={str(int(k)): list(v) for k, v in data.flags.items() if v},
-            rationale=data.rationale.strip(),
-            duration_ms=data.duration_ms,
-            strength=data.strength,
-            both_bad=data.both_bad,
-        ),
-    ).scalar_one()
-    _close(session, lease, LeaseStatus.submitted, now)
     session.commit()
     return Recorded(annotation_id, lease.id)
 

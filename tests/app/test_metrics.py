@@ -350,3 +350,41 @@ def test_group_median():
     index = np.array([0, 0, 0, 2, 2])
     values = np.array([3.0, 1.0, np.nan, 4.0, 6.0])
     assert metrics.group_median(index, values, 3) == [2.0, None, 5.0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(0, 2**62), max_size=40),
+    st.sampled_from([1, 10, 10_000, 2**62]),
+)
+def test_unique_ids_equals_numpy_unique(values, span):
+    """Dense ids (a lookup table) and sparse ones (numpy's sort) give np.unique's answer."""
+    a = np.asarray([v % span for v in values], dtype=np.int64)
+    keys, inverse, first = metrics.unique_ids(a, first_index=True)
+    want_keys, want_first, want_inverse = np.unique(a, return_index=True, return_inverse=True)
+    assert keys.tolist() == want_keys.tolist()
+    assert inverse.tolist() == want_inverse.reshape(-1).tolist()
+    assert first.tolist() == want_first.tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 3).flatmap(
+        lambda d: st.lists(
+            st.lists(st.integers(0, 9) | st.integers(0, 10**6), min_size=d, max_size=d),
+            min_size=1,
+            max_size=30,
+        )
+    ),
+    st.booleans(),
+)
+def test_distinct_rows_equals_numpy_unique_by_row(rows, fractional):
+    """The bootstrap's distinct rows and counts, in np.unique's lexicographic order (the
+    draws, and so the intervals, depend on that order)."""
+    a = np.asarray(rows, dtype=np.float64)
+    if fractional:
+        a[0, 0] += 0.5  # not integers: numpy's own path
+    distinct, counts = metrics._distinct_rows(a)
+    want, want_counts = np.unique(a, axis=0, return_counts=True)
+    assert distinct.tolist() == want.tolist()
+    assert counts.tolist() == want_counts.tolist()

@@ -254,3 +254,58 @@ def test_bigint_completion_ids_are_read_exactly(session):
     assert s.bias.position_rate == 1.0  # the first shown (bigger) won both times
     assert s.bias.length_rate == 1.0  # and it is the longer one
     assert [m.model for m in s.models] == ["m1", "m0"]
+
+
+def test_parallel_reads_on_postgresql_equal_the_serial_ones(tmp_path):
+    """A session bound to the engine reads the completions and the sparse columns on a second
+    connection, in the same exported snapshot; the statistics equal those of the serial path
+    (a session bound to one connection, as in the other tests)."""
+    from sqlalchemy.orm import Session
+
+    from app.db import make_engine
+    from tests.conftest import create_database, migrate
+
+    url, drop = create_database("postgresql", tmp_path)
+    engine = None
+    try:
+        migrate(url)
+        engine = make_engine(url, pool_size=2)
+        with Session(engine, expire_on_commit=False) as s:
+            project = make_project(s, overlap=3, completions_per_task=4)
+            users = [make_user(s) for _ in range(3)]
+            for i in range(4):
+                prompt = make_prompt(s, project)
+                for j, u in enumerate(users):
+                    if i == 3 and j == 2:
+                        make_annotation(
+                            s, prompt, u, status=AnnotationStatus.skipped, skip_reason="Too long"
+                        )
+                        continue
+                    ids = [c.id for c in prompt.completions]
+                    make_annotation(
+                        s,
+                        prompt,
+                        u,
+                        ranking=strict(prompt, [(j + k) % 4 for k in range(4)]),
+                        flags={str(ids[0]): ["hallucination"]} if (i + j) % 3 == 0 else {},
+                        likert={str(c): 1 + (c + j) % 7 for c in ids},
+                    )
+            slug = project.slug
+        with Session(engine) as s:  # bound to the engine: the parallel path
+            assert stats._begin_parallel(s) is not None
+            s.rollback()
+            parallel = stats.project_stats(s, slug=slug, secret=SECRET)
+        with engine.connect() as conn, Session(bind=conn) as s:  # one connection: serial
+            assert stats._begin_parallel(s) is None
+            serial = stats.project_stats(s, slug=slug, secret=SECRET)
+        assert parallel.model_dump(exclude={"generated_at"}) == serial.model_dump(
+            exclude={"generated_at"}
+        )
+        assert parallel.progress.skipped == 1
+        assert [(r.reason, r.count) for r in parallel.progress.skip_reasons] == [("too long", 1)]
+        assert [f.flag for f in parallel.flags] == ["hallucination"]
+        assert sum(m.comparisons for m in parallel.models) > 0
+    finally:
+        if engine is not None:
+            engine.dispose()
+        drop()
