@@ -90,15 +90,10 @@ def project_stats(
         else:
             comp_ids, comp_group, comp_lengths, group_names = _completions(session, project)
             skip_texts, flag_texts = _sparse_columns(session, project)
-    stats = _project_stats(
-        session, project, now, secret, rows, table, comp_ids, comp_lengths, skip_texts,
-        flag_texts, resamples=resamples, seed=seed,
+    return _project_stats(
+        session, project, now, secret, rows, table, comp_ids, comp_group, comp_lengths,
+        group_names, skip_texts, flag_texts, resamples=resamples, seed=seed,
     )  # fmt: skip
-    stats.models, stats.model_pairs = _leaderboard(
-        table, comp_ids, comp_group, group_names, resamples=resamples, seed=seed
-    )
-    stats.agreement.ranking_alpha = metrics.rank_alpha(table)
-    return stats
 
 
 def _project_stats(
@@ -109,14 +104,16 @@ def _project_stats(
     rows: dict[str, Any],
     table: metrics.RankTable,
     comp_ids: np.ndarray,
+    comp_group: np.ndarray,
     comp_lengths: np.ndarray,
+    group_names: list[str | None],
     skip_texts: Keyed,
     flag_texts: Keyed,
     *,
     resamples: int,
     seed: int,
 ) -> ProjectStats:
-    """Everything but the leaderboard and the ranking alpha."""
+    """The statistics from what :func:`project_stats` read."""
     submitted = rows["submitted"]
     skipped = ~submitted
     sub = np.flatnonzero(submitted)
@@ -197,6 +194,9 @@ def _project_stats(
         agree.prompt_agree, agree.prompt_compared, resamples=resamples, seed=seed
     )
     per_prompt = np.bincount(table.prompt, minlength=table.n_prompts)
+    models, model_pairs = _leaderboard(
+        table, comp_ids, comp_group, group_names, resamples=resamples, seed=seed
+    )
     return ProjectStats(
         slug=project.slug,
         name=project.name,
@@ -213,7 +213,7 @@ def _project_stats(
                 ci_high=pairwise_high,
                 prompts=int((per_prompt >= 2).sum()),
             ),
-            ranking_alpha=None,  # filled in by project_stats
+            ranking_alpha=metrics.rank_alpha(table),
             likert_alpha=likert.alpha,
             likert_pairs=likert.pairs,
             likert_exact=likert.exact,
@@ -229,8 +229,8 @@ def _project_stats(
             float(length_pairs.sum()),
         ),
         annotators=annotators,
-        models=[],  # filled in by project_stats
-        model_pairs=[],
+        models=models,
+        model_pairs=model_pairs,
         flags=[FlagCount(flag=f, count=n) for f, n in flag_counts.most_common()],
         outlier_rule=OutlierRule(
             mads=metrics.OUTLIER_MADS,
