@@ -86,16 +86,8 @@ class RankTable:
         cids = np.asarray(cids, dtype=np.int64)
         if self.cids.size == 0:
             return np.full(cids.shape, -1, dtype=np.int64)
-        lo, hi = int(self.cids[0]), int(self.cids[-1])  # sorted
-        if hi - lo <= 4 * self.cids.size + 4096:  # dense ids: a lookup table, no search
-            table = np.full(hi - lo + 1, -1, dtype=np.int64)
-            table[self.cids - lo] = self.cid_slot
-            inside = (cids >= lo) & (cids <= hi)
-            out = np.full(cids.shape, -1, dtype=np.int64)
-            out[inside] = table[cids[inside] - lo]
-            return out
-        at = np.clip(np.searchsorted(self.cids, cids), 0, self.cids.size - 1)
-        return np.where(self.cids[at] == cids, self.cid_slot[at], -1)
+        at = index_of(self.cids, cids)
+        return np.where(at >= 0, self.cid_slot[at], -1)
 
     def per_slot(self, cids: Sequence[int], values: np.ndarray, fill: float) -> np.ndarray:
         """(P, K) matrix of a completion attribute (length, model index) by slot."""
@@ -103,23 +95,10 @@ class RankTable:
         cids = np.asarray(cids, dtype=np.int64)
         if cids.size == 0 or self.cids.size == 0:
             return out
-        flat_ids = self.slot_ids.ravel()
         flat = out.ravel()
-        lo, hi = int(cids.min()), int(cids.max())
-        if hi - lo <= 4 * cids.size + 4096:  # dense ids: a lookup table, no sort
-            where = np.full(hi - lo + 1, -1, dtype=np.int64)
-            where[cids - lo] = np.arange(cids.size)
-            inside = (flat_ids >= lo) & (flat_ids <= hi)
-            at = np.full(flat_ids.size, -1, dtype=np.int64)
-            at[inside] = where[flat_ids[inside] - lo]
-            hit = at >= 0
-            flat[hit] = np.asarray(values)[at[hit]]
-            return flat.reshape(out.shape)
-        order = np.argsort(cids)
-        sorted_ids = cids[order]
-        at = np.clip(np.searchsorted(sorted_ids, flat_ids), 0, sorted_ids.size - 1)
-        hit = (sorted_ids[at] == flat_ids) & (flat_ids >= 0)
-        flat[hit] = np.asarray(values)[order][at[hit]]
+        at = index_of(cids, self.slot_ids.ravel())  # empty slots (−1) are no id: not found
+        hit = at >= 0
+        flat[hit] = np.asarray(values)[at[hit]]
         return flat.reshape(out.shape)
 
 
@@ -144,6 +123,31 @@ def encode_rankings(
     )
 
 
+def _dense(lo: int, hi: int, n: int) -> bool:
+    """Ids from ``lo`` to ``hi``, ``n`` of them, are dense enough for a table over the range."""
+    return hi - lo <= 4 * n + 4096
+
+
+def index_of(keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """For each query, its position in ``keys`` (distinct integer ids, any order), −1 when
+    absent: a table over the id range when the keys are dense, else a sort and binary search."""
+    keys = np.asarray(keys, dtype=np.int64)
+    queries = np.asarray(queries, dtype=np.int64)
+    out = np.full(queries.shape, -1, dtype=np.int64)
+    if keys.size == 0:
+        return out
+    lo, hi = int(keys.min()), int(keys.max())
+    if _dense(lo, hi, keys.size):
+        table = np.full(hi - lo + 1, -1, dtype=np.int64)
+        table[keys - lo] = np.arange(keys.size)
+        inside = (queries >= lo) & (queries <= hi)
+        out[inside] = table[queries[inside] - lo]
+        return out
+    order = np.argsort(keys)
+    at = np.clip(np.searchsorted(keys[order], queries), 0, keys.size - 1)
+    return np.where(keys[order][at] == queries, order[at], -1)
+
+
 def unique_ids(
     values: Sequence[int] | np.ndarray, *, first_index: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -157,7 +161,7 @@ def unique_ids(
         empty = np.zeros(0, np.int64)
         return empty, empty, empty if first_index else None
     lo, hi = int(a.min()), int(a.max())
-    if hi - lo > 4 * a.size + 4096:  # sparse: the table would be wasteful
+    if not _dense(lo, hi, a.size):
         if first_index:
             keys, index, inverse = np.unique(a, return_index=True, return_inverse=True)
             return keys, inverse.reshape(-1), index

@@ -88,8 +88,9 @@ def project_stats(
                 later.result()
             )
         else:
-            comp_ids, comp_group, comp_lengths, group_names = _completions(session, project)
-            skip_texts, flag_texts = _sparse_columns(session, project)
+            conn = session.connection()
+            comp_ids, comp_group, comp_lengths, group_names = _completions(conn, project)
+            skip_texts, flag_texts = _sparse_columns(conn, project)
     return _project_stats(
         session, project, now, secret, rows, table, comp_ids, comp_group, comp_lengths,
         group_names, skip_texts, flag_texts, resamples=resamples, seed=seed,
@@ -320,7 +321,7 @@ def _current_annotations(session: Session, project: Project) -> dict[str, Any]:
         func.aggregate_strings(func.coalesce(cast(a.ranking, Text), "[]"), ";"),
         func.aggregate_strings(func.coalesce(cast(a.likert, Text), "{}"), ";"),
     ).where(a.project_id == project.id)
-    count, numbers, rankings, likerts = _fetch(session, query)[0]
+    count, numbers, rankings, likerts = _fetch(session.connection(), query)[0]
     values = np.fromstring(numbers or "", dtype=np.int64, sep=",")  # text mode: C parser
     if values.size != count * len(NUMERIC):
         raise ValueError("the aggregated annotation columns do not line up")
@@ -357,18 +358,18 @@ def _row_texts(
     query = select(a.prompt_id, a.user_id, a.revision, cast(column, Text)).where(
         a.project_id == project.id
     )
-    by_key = {(p, u, r): text for p, u, r, text in _fetch(session, query)}
+    by_key = {(p, u, r): text for p, u, r, text in _fetch(session.connection(), query)}
     return [by_key.get(key) for key in _keys(rows, index)]
 
 
 Keyed = dict[tuple[int, int, int], str | None]
 
 
-def _sparse_columns(db: Session | Connection, project: Project) -> tuple[Keyed, Keyed]:
+def _sparse_columns(conn: Connection, project: Project) -> tuple[Keyed, Keyed]:
     """(prompt, user, revision) → skip reason of the skipped annotations, and → flags (JSON
     text) of the flagged ones: the few rows that have either, in one query."""
     a = Annotation
-    if _dialect(db) == "postgresql":  # jsonb: no text conversion per row
+    if conn.dialect.name == "postgresql":  # jsonb: no text conversion per row
         some_flags = a.flags.op("<>")(literal_column("'{}'::jsonb"))
     else:
         some_flags = cast(a.flags, Text) != "{}"
@@ -383,7 +384,7 @@ def _sparse_columns(db: Session | Connection, project: Project) -> tuple[Keyed, 
     ).where(a.project_id == project.id, skipped | some_flags)
     reasons: Keyed = {}
     flags: Keyed = {}
-    for p, u, r, is_skip, reason, flag_text in _fetch(db, query):
+    for p, u, r, is_skip, reason, flag_text in _fetch(conn, query):
         if is_skip:
             reasons[(p, u, r)] = reason
         else:
@@ -423,15 +424,11 @@ def _keys(rows: dict[str, Any], index: np.ndarray) -> list[tuple[int, int, int]]
     )
 
 
-def _dialect(db: Session | Connection) -> str:
-    return db.get_bind().dialect.name if isinstance(db, Session) else db.dialect.name
-
-
-def _fetch(db: Session | Connection, query: Any) -> list[tuple[Any, ...]]:
+def _fetch(conn: Connection, query: Any) -> list[tuple[Any, ...]]:
     """The rows as the driver returns them: plain tuples, without building a SQLAlchemy row
     per tuple (a third of the time on 250,000 rows). The columns selected need no result
     processing (integers, text)."""
-    result = (db.connection() if isinstance(db, Session) else db).execute(query)
+    result = conn.execute(query)
     try:
         return result.cursor.fetchall()
     finally:
@@ -468,14 +465,14 @@ def _ranking_or_empty(value: Any) -> list[list[int]]:
 
 
 def _completions(
-    db: Session | Connection, project: Project
+    conn: Connection, project: Project
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str | None]]:
     """Id, model (an index into the returned names) and length (UTF-8 bytes) of the project's
     completions: one row per model, "id:length,…" aggregated by the database and read by
     numpy. Bytes, not characters: counting characters decodes every text (four times the
     time of the whole query on PostgreSQL), and which of two answers is longer rarely
     differs."""
-    if _dialect(db) == "postgresql":
+    if conn.dialect.name == "postgresql":
         size: Any = func.octet_length(Completion.text)
     else:  # SQLite < 3.43 has no octet_length()
         size = func.length(cast(Completion.text, LargeBinary))
@@ -487,7 +484,7 @@ def _completions(
         .group_by(Completion.model)
     )
     ids, lengths, groups, names = [], [], [], []
-    for model, text in _fetch(db, query):
+    for model, text in _fetch(conn, query):
         parsed = metrics.parse_int_json([text])
         if parsed is None:  # cannot happen: "digits:digits,…"
             raise ValueError("unexpected completion lengths")

@@ -388,3 +388,18 @@ def test_distinct_rows_equals_numpy_unique_by_row(rows, fractional):
     want, want_counts = np.unique(a, axis=0, return_counts=True)
     assert distinct.tolist() == want.tolist()
     assert counts.tolist() == want_counts.tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sets(st.integers(1, 2**62), max_size=30),
+    st.lists(st.integers(-1, 2**62), max_size=30),
+    st.sampled_from([50, 2**62]),
+)
+def test_index_of_finds_each_query_among_the_keys(keys, queries, span):
+    """Dense keys (a table) and sparse ones (a search) give each query's position, −1 absent."""
+    keys = sorted({1 + k % span for k in keys}, reverse=True)  # distinct, not sorted ascending
+    queries = [q % span if q >= 0 else q for q in queries] + keys[:3]
+    at = metrics.index_of(np.asarray(keys, dtype=np.int64), np.asarray(queries, dtype=np.int64))
+    position = {k: i for i, k in enumerate(keys)}
+    assert at.tolist() == [position.get(q, -1) for q in queries]
