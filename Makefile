@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export PREFERO_DATA_DIR ?= .prefero
 
-.PHONY: demo test lint format serve migrate install dev bench bench-import bench-generate bench-annotate clean help
+.PHONY: demo test lint format serve migrate install dev bench bench-import bench-generate bench-annotate bench-overhead clean help
 
 help:
 	@echo "make demo    install into $(VENV), migrate SQLite, seed a demo project, serve on http://$(HOST):$(PORT)"
@@ -58,7 +58,7 @@ format: dev
 test: lint
 	$(PY) -m pytest
 
-bench: bench-import bench-generate bench-annotate bench-export
+bench: bench-import bench-generate bench-annotate bench-overhead bench-export
 
 bench-import: dev
 	$(PY) bench/import_bench.py
@@ -68,6 +68,10 @@ bench-generate: dev
 
 bench-annotate: dev
 	$(PY) bench/annotate_load.py
+
+# What the web stack costs a labeling request before any database work (in process, seconds)
+bench-overhead: dev
+	$(PY) bench/request_overhead.py
 
 # 250,000 annotations (K = 4) exported as 1.5 M pairs over HTTP from PostgreSQL (about 2 min)
 .PHONY: bench-export

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Annotated, TypeVar
 
 from fastapi import Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -121,19 +123,41 @@ class Caller:
         raise Unauthenticated("authentication required: send 'Authorization: Bearer <token>'")
 
 
-async def caller(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    cookie: Annotated[str | None, Depends(_cookie)],
-) -> Caller:
-    if credentials is None and not cookie:  # anonymous: 401 before the body is even read
+async def caller(request: Request) -> Caller:
+    """The credentials of a labeling request, read straight from its headers: the same
+    bearer-then-cookie rules as :func:`current_user` (``HTTPBearer`` and ``APIKeyCookie``
+    with ``auto_error=False``) without their two sub-dependencies, whose resolution FastAPI
+    repeats on every request. The routes declare both schemes in OpenAPI
+    (:data:`CALLER_SECURITY`)."""
+    headers = request.headers
+    scheme, bearer = get_authorization_scheme_param(headers.get("authorization"))
+    if scheme.lower() != "bearer" or not bearer:
+        bearer = None
+    cookie = request.cookies.get(WEB_SESSION_COOKIE) or None
+    if bearer is None and not cookie:  # anonymous: 401 before the body is even read
         raise Unauthenticated("authentication required: send 'Authorization: Bearer <token>'")
     return Caller(
-        bearer=credentials.credentials if credentials is not None else None,
+        bearer=bearer,
         cookie=cookie,
         unsafe_method=request.method not in SAFE_METHODS,
-        csrf_header=request.headers.get(CSRF_HEADER, ""),
+        csrf_header=headers.get(CSRF_HEADER, ""),
     )
+
+
+CALLER_SECURITY: dict = {
+    "security": [{_bearer.scheme_name: []}, {_cookie.scheme_name: []}],
+}
+"""``openapi_extra`` of the routes that take :data:`CallerDep`: what ``current_user``'s
+security dependencies would declare."""
+
+
+def request_session(request: Request) -> AbstractContextManager[Session]:
+    """A session for the labeling routes, to open and close in the endpoint's own thread
+    (``with request_session(request) as session:``): no generator dependency (FastAPI enters
+    and leaves one through an exit stack on the event loop, every request) and the close (a
+    rollback is I/O) off the event loop. ``app.state.open_session`` makes it: the session
+    factory (a session closes when its ``with`` block ends); tests put their own there."""
+    return request.app.state.open_session()
 
 
 async def optional_web_login(request: Request, session: SessionDep) -> WebLogin | None:

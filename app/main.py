@@ -82,14 +82,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
+    app.state.open_session = app.state.session_factory  # see app.deps.request_session
 
+    # Routes are matched in order: the labeling API, most of the traffic, first.
     api_modules = (
+        api_tasks,
         health,
         api_projects,
         api_prompts,
         api_generation,
         api_users,
-        api_tasks,
         api_exports,
         api_stats,
         api_audit,

@@ -114,6 +114,13 @@ def run_ppo(name: str, reward: Path, out: Path, args) -> dict:
         "score_first_half": statistics.fmean(r["objective/scores"] for r in rows[:half]),
         "score_second_half": statistics.fmean(r["objective/scores"] for r in rows[half:]),
         "kl_last": rows[-1]["objective/kl"],
+        "explained_variance_first_half": statistics.fmean(
+            r["val/explained_variance"] for r in rows[:half]
+        ),
+        "explained_variance_second_half": statistics.fmean(
+            r["val/explained_variance"] for r in rows[half:]
+        ),
+        "value_init": result["value_init"],
         "eos_fraction_last": rows[-1]["val/eos_fraction"],
         "eval": result["eval"],
     }
@@ -133,13 +140,25 @@ def report(f: dict) -> None:
         f"forward passes {s['forward']:.0%} · update {s['update']:.0%}\n"
         f"  score: first half {f['score_first_half']:+.3f} → second half "
         f"{f['score_second_half']:+.3f} · KL {f['kl_last']:.2f} nats · EOS "
-        f"{f['eos_fraction_last']:.0%}"
+        f"{f['eos_fraction_last']:.0%}\n"
+        f"  value model from the {f['value_init']} · explained variance: first half "
+        f"{f['explained_variance_first_half']:+.2f} → second half "
+        f"{f['explained_variance_second_half']:+.2f}"
     )
     if e.get("prompts"):
         print(
             f"  held-out ({e['prompts']} prompts): reward {e['policy_reward']:+.3f} vs reference "
             f"{e['reference_reward']:+.3f} (gain {e['reward_gain']:+.3f}), win rate "
-            f"{e['win_rate']:.2f}, KL {e['kl']:.2f} nats"
+            f"{e['win_rate']:.2f}, KL {e['kl']:.2f} nats\n"
+            f"    ended with EOS: policy {e['policy_eos_fraction']:.0%}, reference "
+            f"{e['reference_eos_fraction']:.0%}\n"
+            f"    reward model score without the no-EOS penalty: {e['raw_policy_reward']:+.3f} vs "
+            f"{e['raw_reference_reward']:+.3f} (gain {e['raw_reward_gain']:+.3f}), win rate "
+            f"{e['raw_win_rate']:.2f}\n"
+            f"    prompts where both ended ({e['finished_prompts']}): "
+            f"{e['finished_policy_reward']:+.3f}"
+            f" vs {e['finished_reference_reward']:+.3f} (gain {e['finished_reward_gain']:+.3f}), "
+            f"win rate {e['finished_win_rate']:.2f}"
         )
 
 

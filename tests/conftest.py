@@ -27,9 +27,9 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import make_engine
-from app.deps import get_session
 from app.main import create_app
 from app.services.health import alembic_config
+from tests.factories import use_session
 
 PG_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 IN_CI = os.environ.get("PREFERO_CI") == "1"
@@ -125,11 +125,7 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
 @pytest.fixture
 def app(settings: Settings, session: Session):
     app = create_app(settings)
-
-    def use_test_session() -> Iterator[Session]:
-        yield session
-
-    app.dependency_overrides[get_session] = use_test_session
+    use_session(app, session)
     yield app
     app.state.engine.dispose()
 

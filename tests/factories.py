@@ -4,11 +4,14 @@ releases a SAVEPOINT, so a later service rollback cannot undo the fixture data."
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
+from contextlib import nullcontext
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from app.deps import get_session
 from app.models import (
     Annotation,
     AnnotationStatus,
@@ -126,3 +129,14 @@ def row_counts(session: Session) -> dict[str, int]:
     return {
         m.__tablename__: count(session, m) for m in (Project, Prompt, Completion, User, ApiToken)
     }
+
+
+def use_session(app: Any, session: Session) -> None:
+    """Serve every request of ``app`` from ``session`` (the test's rolled-back transaction):
+    the ``get_session`` dependency and the labeling routes' ``app.state.open_session``."""
+
+    def test_session() -> Iterator[Session]:
+        yield session
+
+    app.dependency_overrides[get_session] = test_session
+    app.state.open_session = lambda: nullcontext(session)

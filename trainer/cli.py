@@ -95,6 +95,12 @@ def _add_reward(commands) -> None:
         default=d.center_rewards,
         help="coefficient of the reward-centring term mean(r^2)",
     )
+    p.add_argument(
+        "--normalise-samples",
+        type=int,
+        default=d.normalise_samples,
+        help="completions (about) whose mean raw reward sets the normalisation (0: all)",
+    )
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (merged on save)")
     p.add_argument("--lora-r", type=int, default=d.lora_r)
     p.add_argument("--lora-alpha", type=int, default=d.lora_alpha)

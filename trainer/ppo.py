@@ -26,8 +26,9 @@ One PPO step, in numbered stages (each a method of :class:`PPOTrainer`):
 
 Models: the trainable policy; the frozen reference (a copy, or the policy with its LoRA adapter
 switched off); the frozen reward model (``trainer.reward.load_reward_model``); a separate value
-model initialised from the reward model when it reads the policy's tokens (same vocabulary),
-else from the policy with a fresh one-output head. Dropout is off in all of them.
+model initialised from the reward model when it reads the policy's tokens (same vocabulary;
+its normalisation folded into the head's bias, so its first values are normalised scores of
+each prefix), else from the policy with a fresh one-output head. Dropout is off in all of them.
 
 Everything random is seeded from ``(seed, step)``, so a run is bit-identical on the CPU for a
 given seed and a resumed run equals an uninterrupted one.
@@ -223,6 +224,16 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def trim_widths(query_mask: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:
+    """For rows of a left-padded batch: the first query column any row uses and the number of
+    response columns any row uses (at least 1), i.e. the slices ``[:, left:]`` and
+    ``[:, :width]`` that drop only columns that are padding in every row."""
+    used = query_mask.bool().any(0).nonzero()
+    left = int(used[0]) if len(used) else query_mask.shape[1]
+    width = max(1, int(mask.long().sum(-1).max())) if mask.numel() else 1
+    return left, width
+
+
 def eos_token_ids(model, tokenizer) -> list[int]:
     ids = getattr(model.generation_config, "eos_token_id", None)
     if ids is None:
@@ -285,10 +296,14 @@ class ValueModel(torch.nn.Module):
         return self.head(out.last_hidden_state).squeeze(-1).float()
 
 
-def build_value_model(source: Path, *, fresh_head: bool, seed: int) -> ValueModel:
+def build_value_model(
+    source: Path, *, fresh_head: bool, seed: int, offset: float = 0.0
+) -> ValueModel:
     """The value model from ``source`` (a reward model directory or the policy) loaded as a
     one-output sequence classifier; with ``fresh_head`` the head is re-initialised (std
-    1/√(d+1), seeded)."""
+    1/√(d+1), seeded). ``offset`` is added to the head's bias (a head without one gets one):
+    a reward model's normalisation, so that the value model starts on the scale of the
+    normalised scores it is to predict."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -305,8 +320,27 @@ def build_value_model(source: Path, *, fresh_head: bool, seed: int) -> ValueMode
     if fresh_head:
         init_score_head(model, seed=seed)
     head = score_head(model)
+    if offset:
+        with torch.no_grad():
+            if head.bias is None:
+                weight = head.weight
+                head = torch.nn.Linear(head.in_features, 1, dtype=weight.dtype)
+                head.weight.copy_(weight)
+                head.bias.zero_()
+            head.bias.add_(offset)
     backbone = getattr(model, model.base_model_prefix)
     return ValueModel(backbone, head)
+
+
+def reward_normalisation_bias(path: Path) -> float:
+    """The bias ``prefero-train reward`` adds to the raw score (0 when not recorded)."""
+    from trainer.reward import META_FILE
+
+    meta_path = Path(path) / META_FILE
+    if not meta_path.is_file():
+        return 0.0
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    return float(meta.get("normalisation", {}).get("bias", 0.0))
 
 
 def _load_reward(path: str, device) -> tuple[Scorer, Any]:
@@ -321,6 +355,27 @@ def _load_reward(path: str, device) -> tuple[Scorer, Any]:
 
 
 # --------------------------------------------------------------------------------- the trainer
+
+
+def _comparison(prefix: str, policy: Sequence[float], reference: Sequence[float]) -> dict:
+    """Mean reward of each side, the gain and the policy's win rate (ties count half), paired
+    by prompt; NaN for no prompts."""
+    n = len(policy)
+    if n == 0:
+        nan = math.nan
+        return {
+            f"{prefix}{k}": nan
+            for k in ("policy_reward", "reference_reward", "reward_gain", "win_rate")
+        }
+    wins = sum(
+        1.0 if p > q else 0.5 if p == q else 0.0 for p, q in zip(policy, reference, strict=True)
+    )
+    return {
+        f"{prefix}policy_reward": sum(policy) / n,
+        f"{prefix}reference_reward": sum(reference) / n,
+        f"{prefix}reward_gain": (sum(policy) - sum(reference)) / n,
+        f"{prefix}win_rate": wins / n,
+    }
 
 
 def _step_seed(seed: int, *parts: int) -> int:
@@ -443,6 +498,7 @@ class PPOTrainer:
             Path(c.reward) if from_reward else self.policy_path,
             fresh_head=not from_reward,
             seed=c.seed,
+            offset=reward_normalisation_bias(Path(c.reward)) if from_reward else 0.0,
         )
         disable_dropout(value)
         if c.lora:
@@ -692,17 +748,19 @@ class PPOTrainer:
             order = torch.randperm(n, generator=g)
             for index, mb in enumerate(torch.tensor_split(order, c.mini_batches)):
                 mb = mb.to(self.device)
-                mask = r.mask[mb]
+                # Only the columns this mini-batch uses: the batch's left padding beyond its own
+                # longest prompt, and response positions after its longest response, are
+                # padding in every row (masked out of every loss; same numbers, less work).
+                left, width = trim_widths(r.query_mask[mb], r.mask[mb])
+                queries, query_mask = r.queries[mb, left:], r.query_mask[mb, left:]
+                responses, mask = r.responses[mb, :width], r.mask[mb, :width]
                 logprobs, entropy = self.forward_logprobs(
-                    self.policy,
-                    r.queries[mb],
-                    r.query_mask[mb],
-                    r.responses[mb],
-                    mask,
-                    entropy=True,
+                    self.policy, queries, query_mask, responses, mask, entropy=True
                 )
-                vpred = self.forward_values(r.queries[mb], r.query_mask[mb], r.responses[mb], mask)
-                old_values, returns, adv = r.values[mb], r.returns[mb], r.advantages[mb]
+                vpred = self.forward_values(queries, query_mask, responses, mask)
+                old_values = r.values[mb, :width]
+                returns, adv = r.returns[mb, :width], r.advantages[mb, :width]
+                old_logprobs = r.logprobs[mb, :width]
 
                 vclipped = old_values + (vpred - old_values).clamp(
                     -c.cliprange_value, c.cliprange_value
@@ -713,7 +771,7 @@ class PPOTrainer:
                     ((vclipped - returns) ** 2 > (vpred - returns) ** 2).float(), mask
                 )
 
-                logratio = torch.where(mask, logprobs - r.logprobs[mb], torch.zeros_like(logprobs))
+                logratio = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))
                 ratio = torch.exp(logratio)
                 pg_losses = -adv * ratio
                 pg_losses2 = -adv * ratio.clamp(1.0 - c.cliprange, 1.0 + c.cliprange)
@@ -853,43 +911,49 @@ class PPOTrainer:
         """On the held-out prompts: the tuned policy's and the reference's mean reward (one
         sampled response each, same settings and seed), the policy's win rate against the
         reference under the reward model (ties count half) and KL(π ‖ π_ref) (mean sequence
-        k1 on the policy's samples)."""
+        k1 on the policy's samples).
+
+        The reward is the training score (a response cut off before EOS gets the no-EOS
+        penalty), so a policy can gain by finishing more often. To tell that apart from better
+        answers, the same comparison is also given on the reward model's own score of the
+        text (``raw_*``: the penalty not applied) and on the prompts where both responses
+        ended with EOS (``finished_*``)."""
         c = self.config
         prompts = self.held_out[: c.eval_max]
         if not prompts:
             return {"prompts": 0}
         pol_scores, ref_scores, kls, pol_eos, ref_eos = [], [], [], [], []
+        pol_raw, ref_raw = [], []
         for start in range(0, len(prompts), c.batch_size):
             batch = prompts[start : start + c.batch_size]
             queries, query_mask = self.encode(batch)
             seed_all(_step_seed(c.seed, 4, start))
             responses, mask, has_eos = self.sample(self.unwrapped_policy, queries, query_mask)
-            scores, _ = self.score(batch, self.decode(responses, mask), has_eos)
+            scores, raw = self.score(batch, self.decode(responses, mask), has_eos)
             logprobs, _ = self.forward_logprobs(self.policy, queries, query_mask, responses, mask)
             with self.reference() as ref:
                 ref_lp, _ = self.forward_logprobs(ref, queries, query_mask, responses, mask)
                 seed_all(_step_seed(c.seed, 4, start))
                 ref_responses, ref_mask, ref_has_eos = self.sample(ref, queries, query_mask)
-            rscores, _ = self.score(batch, self.decode(ref_responses, ref_mask), ref_has_eos)
+            rscores, rraw = self.score(batch, self.decode(ref_responses, ref_mask), ref_has_eos)
             kls += (ops.kl_k1(logprobs, ref_lp) * mask).sum(-1).tolist()
             pol_scores += scores.tolist()
             ref_scores += rscores.tolist()
+            pol_raw += raw.tolist()
+            ref_raw += rraw.tolist()
             pol_eos += has_eos.float().tolist()
             ref_eos += ref_has_eos.float().tolist()
         n = len(prompts)
-        wins = sum(
-            1.0 if p > q else 0.5 if p == q else 0.0
-            for p, q in zip(pol_scores, ref_scores, strict=True)
-        )
+        both = [i for i in range(n) if pol_eos[i] and ref_eos[i]]
         return {
             "prompts": n,
-            "policy_reward": sum(pol_scores) / n,
-            "reference_reward": sum(ref_scores) / n,
-            "reward_gain": (sum(pol_scores) - sum(ref_scores)) / n,
-            "win_rate": wins / n,
+            **_comparison("", pol_scores, ref_scores),
             "kl": sum(kls) / n,
             "policy_eos_fraction": sum(pol_eos) / n,
             "reference_eos_fraction": sum(ref_eos) / n,
+            **_comparison("raw_", pol_raw, ref_raw),
+            "finished_prompts": len(both),
+            **_comparison("finished_", [pol_raw[i] for i in both], [ref_raw[i] for i in both]),
         }
 
     # ----------------------------------------------------------------------- checkpoints
@@ -1141,7 +1205,10 @@ def train_ppo(
     if log and main and evaluation.get("prompts"):
         log(
             "held-out evaluation ({prompts} prompts): reward {policy_reward:.3f} vs reference "
-            "{reference_reward:.3f}, win rate {win_rate:.2f}, KL {kl:.2f} nats".format(**evaluation)
+            "{reference_reward:.3f}, win rate {win_rate:.2f}, KL {kl:.2f} nats; ended with EOS "
+            "{policy_eos_fraction:.0%} vs {reference_eos_fraction:.0%}; both ended on "
+            "{finished_prompts} prompts: reward model score {finished_policy_reward:.3f} vs "
+            "{finished_reference_reward:.3f}, win rate {finished_win_rate:.2f}".format(**evaluation)
         )
     if log and main:
         log(f"policy written to {out}")

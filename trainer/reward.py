@@ -341,7 +341,13 @@ def train_reward(
         metrics["test_heldout_annotators"] = evaluate(
             model, tokenizer, test_ann, batch_size=eval_bs, device=device
         )
-    normalisation = normalise(model, train, pad_id, batch_size=eval_bs, device=device)
+    normalisation = normalise(
+        model,
+        normalisation_sample(train, limit=config.normalise_samples, seed=config.seed),
+        pad_id,
+        batch_size=eval_bs,
+        device=device,
+    )
     if accelerator.is_main_process:
         _save(out, model, tokenizer, config, base_path, normalisation, metrics)
         plot_training(history, out / "training.png")
@@ -532,6 +538,22 @@ def evaluate(model, tokenizer, encoded, *, batch_size: int, device, margin_scale
         model, encoded, tokenizer.pad_token_id, batch_size=batch_size, device=device
     )
     return metrics_from_scores(encoded, scores, margin_scale=margin_scale)
+
+
+def normalisation_sample(encoded: Sequence[D.Encoded], *, limit: int, seed: int) -> list:
+    """Whole rankings, in a seeded random order, until about ``limit`` completions (all of
+    them when ``limit`` is 0 or they are fewer)."""
+    total = sum(len(e.rows) for e in encoded)
+    if limit <= 0 or total <= limit:
+        return list(encoded)
+    g = torch.Generator().manual_seed(seed)
+    chosen, n = [], 0
+    for i in torch.randperm(len(encoded), generator=g).tolist():
+        if n >= limit:
+            break
+        chosen.append(encoded[i])
+        n += len(encoded[i].rows)
+    return chosen
 
 
 def normalise(model, encoded, pad_id: int, *, batch_size: int, device) -> dict:

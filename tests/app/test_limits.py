@@ -18,10 +18,18 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from app.deps import MAX_PAGE, get_session
+from app.deps import MAX_PAGE
 from app.main import create_app
 from app.models import Role
-from tests.factories import PASSWORD, auth, make_project, make_prompt, make_token, make_user
+from tests.factories import (
+    PASSWORD,
+    auth,
+    make_project,
+    make_prompt,
+    make_token,
+    make_user,
+    use_session,
+)
 
 BODY_LIMIT = 4096
 
@@ -32,7 +40,7 @@ def small(settings, session) -> Iterator[TestClient]:
     app = create_app(
         settings.model_copy(update={"max_request_bytes": BODY_LIMIT, "max_open_leases": 2})
     )
-    app.dependency_overrides[get_session] = lambda: (yield session)
+    use_session(app, session)
     with TestClient(app) as c:
         yield c
     app.state.engine.dispose()

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.deps import CSRF_HEADER, WEB_SESSION_COOKIE, get_session
+from app.deps import CSRF_HEADER, WEB_SESSION_COOKIE
 from app.main import create_app
 from app.models import (
     ApiToken,
@@ -34,7 +34,15 @@ from app.models import (
 )
 from app.web import CSRF_COOKIE, LANG_COOKIE
 from tests.app.test_auth_matrix import _routes, db_state, web_login
-from tests.factories import PASSWORD, auth, make_project, make_prompt, make_token, make_user
+from tests.factories import (
+    PASSWORD,
+    auth,
+    make_project,
+    make_prompt,
+    make_token,
+    make_user,
+    use_session,
+)
 
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
 
@@ -399,10 +407,7 @@ def check_security_headers(r, what: str) -> None:
 def _boom_app(settings: Settings, session: Session):
     app = create_app(settings)
 
-    def use_test_session():
-        yield session
-
-    app.dependency_overrides[get_session] = use_test_session
+    use_session(app, session)
 
     @app.get("/test-boom", include_in_schema=False)
     def boom() -> None:
@@ -505,10 +510,7 @@ def test_cookie_flags(settings, session, secure):
     settings = settings.model_copy(update={"session_cookie_secure": secure})
     app = create_app(settings)
 
-    def use_test_session():
-        yield session
-
-    app.dependency_overrides[get_session] = use_test_session
+    use_session(app, session)
     seen = _all_cookies_of_a_visit(app, session, "https://testserver" if secure else "http://t")
     expected = {CSRF_COOKIE, WEB_SESSION_COOKIE, LANG_COOKIE, "prefero_flash"}
     assert expected | {"logout:" + WEB_SESSION_COOKIE} <= set(seen), sorted(seen)

@@ -26,6 +26,7 @@ from trainer.ppo import (
     load_prompts,
     same_vocabulary,
     split_prompts,
+    trim_widths,
 )
 from trainer.reward import load_reward_model
 
@@ -161,6 +162,16 @@ def test_the_value_model_starts_as_the_reward_model(models, tmp_path):
     trainer = make_trainer(models, tmp_path)
     rm = load_reward_model(models["reward"])
     assert torch.equal(trainer.value.head.weight, rm.model.score.weight)
+    # The reward model's normalisation is in the head: the value of a whole sequence is its
+    # normalised score.
+    assert rm.bias != 0
+    assert trainer.value.head.bias.item() == pytest.approx(rm.bias)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    attention = torch.ones_like(ids)
+    with torch.no_grad():
+        value = trainer.value(ids, attention)[0, -1]
+        raw = rm.model(input_ids=ids, attention_mask=attention).logits[0, 0]
+    assert value.item() == pytest.approx(raw.item() + rm.bias, abs=1e-5)
     embed = trainer.value.backbone.get_input_embeddings().weight
     assert torch.equal(embed, rm.model.get_input_embeddings().weight)
 
@@ -219,6 +230,84 @@ def test_left_padding_does_not_change_the_log_probabilities(models, tmp_path):
     q1, qm1 = trainer.encode([short])
     alone, _ = trainer.forward_logprobs(trainer.policy, q1, qm1, responses[:1], mask[:1])
     assert torch.allclose(batched[0], alone[0], atol=1e-5)
+
+
+def test_trim_widths_drop_only_columns_that_are_padding_in_every_row():
+    query_mask = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 0, 1]])
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    assert trim_widths(query_mask, mask) == (1, 3)
+    assert trim_widths(query_mask[[0, 2]], mask[[0, 2]]) == (2, 3)
+    assert trim_widths(query_mask[[1]], mask[[1]]) == (1, 1)
+    full = torch.ones(2, 3, dtype=torch.long)
+    assert trim_widths(full, torch.ones(2, 4, dtype=torch.bool)) == (0, 4)
+
+
+def test_a_trimmed_mini_batch_has_the_log_probabilities_and_values_of_the_full_batch(
+    models, tmp_path
+):
+    """The update slices each mini-batch to the columns it uses: same numbers as the rollout's
+    full-width forward passes (which is what makes the first ratio 1)."""
+    trainer = make_trainer(models, tmp_path)
+    eos, pad = trainer.eos_ids[0], trainer.pad_id
+    fixed = torch.tensor([[40, eos, 41, 42], [43, 44, 45, 46], [47, 48, eos, 49]])
+    mask, has_eos = ops.response_mask(fixed, trainer.eos_ids)
+    responses = torch.where(mask, fixed, torch.full_like(fixed, pad))
+    trainer.sample = lambda model, q, qm, greedy=False: (responses, mask, has_eos)
+    rollout, _ = trainer.rollout([PROMPTS[1], PROMPTS[0], PROMPTS[4]])
+    mb = torch.tensor([1, 0])  # the short prompt and a response that ends early
+    left, width = trim_widths(rollout.query_mask[mb], rollout.mask[mb])
+    assert left > 0
+    assert width == 4
+    mb = torch.tensor([0])
+    left, width = trim_widths(rollout.query_mask[mb], rollout.mask[mb])
+    assert width == 2
+    q, qm = rollout.queries[mb, left:], rollout.query_mask[mb, left:]
+    r, m = rollout.responses[mb, :width], rollout.mask[mb, :width]
+    logprobs, _ = trainer.forward_logprobs(trainer.policy, q, qm, r, m)
+    values = trainer.forward_values(q, qm, r, m)
+    assert torch.allclose(logprobs, rollout.logprobs[mb, :width], atol=1e-5)
+    assert torch.allclose(values, rollout.values[mb, :width], atol=1e-5)
+
+
+def test_final_evaluation_separates_finishing_from_better_answers(models, tmp_path):
+    trainer = make_trainer(models, tmp_path, batch_size=2, eval_fraction=0.5, eval_max=4)
+    policy, ref = trainer.unwrapped_policy, trainer.ref
+    eos, pad = trainer.eos_ids[0], trainer.pad_id
+    ended = torch.tensor([[40, eos, pad], [41, eos, pad]])
+    cut = torch.tensor([[42, 43, 44], [45, 46, 47]])
+
+    def sample(model, queries, query_mask, greedy=False):  # the policy ends, the reference not
+        fixed = ended if model is policy else cut
+        if model is ref:
+            fixed = torch.stack([ended[0], cut[1]])  # except on the first prompt of each batch
+        mask, has_eos = ops.response_mask(fixed, trainer.eos_ids)
+        return fixed, mask, has_eos
+
+    trainer.sample = sample
+    raw = {"policy": 0.5, "reference": 0.25}
+
+    class Scorer:
+        def score(self, messages_list, responses):
+            # One token each: the policy's texts come from token ids 40/41, the reference's
+            # cut-off ones from 42-47 (three tokens); the first reference one is the policy's.
+            return torch.tensor(
+                [raw["policy"] if len(t) <= 2 else raw["reference"] for t in responses]
+            )
+
+    trainer.reward = Scorer()
+    e = trainer.final_evaluation()
+    n = e["prompts"]
+    assert n == 4
+    assert e["policy_eos_fraction"] == 1.0
+    assert e["reference_eos_fraction"] == 0.5
+    # With the penalty, the reference's cut-off half scores -1.
+    assert e["reward_gain"] == pytest.approx(0.5 - (0.5 + -1.0) / 2)
+    # Without it, the reward model's own scores.
+    assert e["raw_reward_gain"] == pytest.approx(0.5 - (0.5 + 0.25) / 2)
+    # Where both ended: the same answers, a tie.
+    assert e["finished_prompts"] == 2
+    assert e["finished_reward_gain"] == pytest.approx(0.0)
+    assert e["finished_win_rate"] == 0.5
 
 
 def test_no_eos_penalty_none_scores_cut_off_responses_normally(models, tmp_path):

@@ -282,3 +282,16 @@ def test_micro_batches_give_the_same_step(tiny_model, tmp_path):
     whole, micro = run("whole", None), run("micro", 5)
     for name in whole:
         assert torch.allclose(whole[name], micro[name], atol=1e-5), name
+
+
+def test_the_normalisation_sample_takes_whole_rankings_up_to_the_limit():
+    encoded = [
+        D.Encoded(D.Comparison([], ["a", "b"], [(0, 1, 0.0)], f"p{i}"), [[i], [i + 100]], False)
+        for i in range(10)
+    ]
+    sample = R.normalisation_sample(encoded, limit=5, seed=0)
+    assert sum(len(e.rows) for e in sample) == 6  # three whole rankings: the first ≥ 5
+    assert len({e.comparison.prompt_key for e in sample}) == 3
+    assert sample == R.normalisation_sample(encoded, limit=5, seed=0)  # seeded
+    assert R.normalisation_sample(encoded, limit=0, seed=0) == encoded  # 0: all of them
+    assert R.normalisation_sample(encoded, limit=20, seed=0) == encoded  # fewer than the limit
