@@ -63,30 +63,37 @@ def _scope(method: str, path: str) -> dict:
     }
 
 
-async def _measure(app, method: str, path: str, *, calls: int, rounds: int) -> list[float]:
-    statuses: list[int] = []
+async def _call(app, method: str, path: str) -> int:
+    """One request through the whole ASGI app → its status."""
+    status = 0
 
     async def receive() -> dict:
         return {"type": "http.request", "body": b"", "more_body": False}
 
     async def send(message: dict) -> None:
+        nonlocal status
         if message["type"] == "http.response.start":
-            statuses.append(message["status"])
+            status = message["status"]
 
-    async def one() -> None:
-        await app(_scope(method, path), receive, send)
+    await app(_scope(method, path), receive, send)
+    return status
 
-    for _ in range(200):  # warm-up: first-call caches, lazy imports
-        await one()
-    if set(statuses) != {401}:
-        raise SystemExit(f"{method} {path}: expected 401 only, got {sorted(set(statuses))}")
-    per_call = []
+
+async def _measure(app, *, calls: int, rounds: int) -> dict[str, list[float]]:
+    """µs per call of each route, one figure per round. Rounds are interleaved (route A, B, C,
+    A, B, C, …) so that a slower minute of a noisy machine falls on every route alike."""
+    for _, method, path in ROUTES:
+        statuses = {await _call(app, method, path) for _ in range(200)}  # warm-up
+        if statuses != {401}:
+            raise SystemExit(f"{method} {path}: expected 401 only, got {sorted(statuses)}")
+    samples: dict[str, list[float]] = {name: [] for name, _, _ in ROUTES}
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            await one()
-        per_call.append((time.perf_counter() - t0) / calls * 1e6)
-    return per_call
+        for name, method, path in ROUTES:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                await _call(app, method, path)
+            samples[name].append((time.perf_counter() - t0) / calls * 1e6)
+    return samples
 
 
 def main() -> int:
@@ -112,18 +119,10 @@ def main() -> int:
             f"{os.cpu_count()} CPUs · Python {platform.python_version()} · load average "
             f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}"
         )
-        results = {}
-        # Interleaved rounds (route A, B, C, A, B, C, ...) so that a slower minute of a noisy
-        # machine falls on every route alike.
-        samples: dict[str, list[float]] = {name: [] for name, _, _ in ROUTES}
-        for _ in range(args.rounds):
-            for name, method, path in ROUTES:
-                samples[name] += asyncio.run(
-                    _measure(app, method, path, calls=args.calls, rounds=1)
-                )
+        samples = asyncio.run(_measure(app, calls=args.calls, rounds=args.rounds))
         app.state.engine.dispose()
     base = statistics.median(samples["baseline"])
-    failures = []
+    results, failures = {}, []
     for name, method, path in ROUTES:
         median = statistics.median(samples[name])
         ratio = median / base

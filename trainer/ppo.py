@@ -332,17 +332,6 @@ def build_value_model(
     return ValueModel(backbone, head)
 
 
-def reward_normalisation_bias(path: Path) -> float:
-    """The bias ``prefero-train reward`` adds to the raw score (0 when not recorded)."""
-    from trainer.reward import META_FILE
-
-    meta_path = Path(path) / META_FILE
-    if not meta_path.is_file():
-        return 0.0
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    return float(meta.get("normalisation", {}).get("bias", 0.0))
-
-
 def _load_reward(path: str, device) -> tuple[Scorer, Any]:
     """The frozen reward model and its tokenizer (for the vocabulary check)."""
     from transformers import AutoTokenizer
@@ -494,11 +483,13 @@ class PPOTrainer:
                 "vocabulary (per-token values are read on the policy's tokens)"
             )
         self.value_source = "reward" if from_reward else "policy"
+        from trainer.reward import normalisation_bias, read_meta
+
         value = build_value_model(
             Path(c.reward) if from_reward else self.policy_path,
             fresh_head=not from_reward,
             seed=c.seed,
-            offset=reward_normalisation_bias(Path(c.reward)) if from_reward else 0.0,
+            offset=normalisation_bias(read_meta(c.reward)) if from_reward else 0.0,
         )
         disable_dropout(value)
         if c.lora:

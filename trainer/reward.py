@@ -635,7 +635,7 @@ class RewardModel:
         self.meta = meta
         self.device = device
         self.max_length = int(meta.get("max_length", 512))
-        self.bias = float(meta.get("normalisation", {}).get("bias", 0.0))
+        self.bias = normalisation_bias(meta)
 
     def text(self, messages: D.Messages, response: str) -> str:
         return D.reward_input_text(self.tokenizer, messages, response)
@@ -663,10 +663,9 @@ class RewardModel:
         return self.score_raw(messages_list, responses, batch_size=batch_size) + self.bias
 
 
-def load_reward_model(directory: str | Path, *, device=None, dtype=None) -> RewardModel:
-    """Load a ``prefero-train reward`` output directory for scoring (eval mode, no grad)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
+def read_meta(directory: str | Path) -> dict:
+    """The ``prefero_reward.json`` of a ``prefero-train reward`` output directory
+    (:class:`~trainer.data.DataError` when the directory is not one)."""
     directory = Path(directory)
     meta_path = directory / META_FILE
     if not meta_path.is_file():
@@ -674,6 +673,20 @@ def load_reward_model(directory: str | Path, *, device=None, dtype=None) -> Rewa
     meta = json.loads(meta_path.read_text("utf-8"))
     if meta.get("format") != FORMAT:
         raise D.DataError(f"{directory}: unsupported reward format {meta.get('format')!r}")
+    return meta
+
+
+def normalisation_bias(meta: dict) -> float:
+    """The bias added to the raw score (0 when the metadata records none)."""
+    return float(meta.get("normalisation", {}).get("bias", 0.0))
+
+
+def load_reward_model(directory: str | Path, *, device=None, dtype=None) -> RewardModel:
+    """Load a ``prefero-train reward`` output directory for scoring (eval mode, no grad)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    directory = Path(directory)
+    meta = read_meta(directory)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForSequenceClassification.from_pretrained(
