@@ -56,6 +56,11 @@ cli.add_typer(models_cli, name="models")
 
 GRACEFUL_SHUTDOWN_S = 30
 """Seconds `prefero serve` waits for requests in flight after SIGTERM."""
+KEEP_ALIVE_S = 75
+"""``prefero serve``'s keep-alive timeout: longer than a proxy's or a client's idle timeout, so
+the other side closes an idle connection first (uvicorn's default, 5 s, equals httpx's and is
+far below nginx's and load balancers' 60 s: a request sent as the server closes the
+connection fails with no answer, a 502 behind a proxy)."""
 DEMO_DATA = ROOT / "app" / "demo" / "prompts.jsonl"
 DEMO_ACCOUNTS = (
     ("admin", Role.admin),
@@ -150,6 +155,15 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    keep_alive: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Seconds an idle keep-alive connection stays open. Keep it above the idle "
+            "timeout of a proxy or client in front (nginx upstream and AWS ALB: 60 s, httpx: "
+            "5 s): whichever side closes first races a request sent on that connection.",
+        ),
+    ] = KEEP_ALIVE_S,
 ) -> None:
     """Serve the web app and API with uvicorn (run `prefero db upgrade` first). On SIGTERM or
     SIGINT it stops accepting connections, finishes the requests in flight (up to 30 s) and
@@ -178,6 +192,7 @@ def serve(
         access_log=False,  # the app writes its own access lines (with request ids)
         proxy_headers=True,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        timeout_keep_alive=keep_alive,
         # A worker that starts slowly (a busy host) is not killed as hung after 5 s.
         timeout_worker_healthcheck=60,
     )

@@ -6,9 +6,20 @@ explicit-transaction mode so that savepoints and ``BEGIN IMMEDIATE`` work.
 
 from __future__ import annotations
 
+import select
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Engine, Integer, MetaData, create_engine, event
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Engine,
+    Integer,
+    MetaData,
+    create_engine,
+    event,
+    exc,
+    make_url,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -53,6 +64,22 @@ def _sqlite_begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN")
 
 
+def _drop_dead_connection(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """Pool checkout on PostgreSQL: hand out a connection only if it is still open, without a
+    round trip (``pool_pre_ping`` sends a query on every checkout: one more round trip per
+    request). An idle connection has nothing to read; a readable socket means the server
+    closed it or is closing it (a restart, ``pg_terminate_backend``, an idle timeout: the
+    server sends an error and closes), so the pool drops it and connects anew
+    (``DisconnectionError``). A connection that dies after this check fails its statement;
+    SQLAlchemy then invalidates it as a disconnect and the request gets a 503."""
+    if dbapi_connection.closed or dbapi_connection.broken:
+        raise exc.DisconnectionError("connection closed")
+    poller = select.poll()
+    poller.register(dbapi_connection.fileno(), select.POLLIN | select.POLLPRI)
+    if poller.poll(0):
+        raise exc.DisconnectionError("the server closed the connection")
+
+
 def make_engine(url: str, *, pool_size: int = 10, statement_timeout_ms: int = 0) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(
@@ -64,14 +91,18 @@ def make_engine(url: str, *, pool_size: int = 10, statement_timeout_ms: int = 0)
     connect_args: dict[str, Any] = {"connect_timeout": 5}
     if statement_timeout_ms:
         connect_args["options"] = f"-c statement_timeout={int(statement_timeout_ms)}"
-    return create_engine(
+    psycopg3 = make_url(url).get_dialect().driver == "psycopg"
+    engine = create_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        pool_pre_ping=not psycopg3,  # another driver: a round trip per checkout
         pool_timeout=10,
         connect_args=connect_args,
     )
+    if psycopg3:
+        event.listen(engine, "checkout", _drop_dead_connection)
+    return engine
 
 
 def engine_from_settings(settings: Settings) -> Engine:

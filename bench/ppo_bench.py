@@ -5,6 +5,8 @@ Run from the repository root with the project's virtual environment active::
     python bench/ppo_bench.py                         # trains the reward model, then PPO
     python bench/ppo_bench.py --reward DIR            # reuse a `prefero-train reward` model
     python bench/ppo_bench.py --steps 4 --json ppo.json --plot docs/img/ppo_bench.png
+    python bench/ppo_bench.py --reward DIR --configs issue --max-new-tokens 128 \
+        --value-warmup-steps 3                        # a longer budget, value warm-up first
 
 1. Reward model: ``prefero-train reward`` on ``../shared/data/hh-harmless-1800.jsonl.gz`` with
    SmolLM2-135M-Instruct as the backbone (``--rm-steps`` optimiser steps of 8 pairs, max length
@@ -56,6 +58,13 @@ CONFIGS = {
 }
 
 
+def overrides(args: argparse.Namespace, name: str) -> dict:
+    """The issue config's settings changed on the command line (``--max-new-tokens``)."""
+    if name == "issue" and args.max_new_tokens is not None:
+        return {"max_new_tokens": args.max_new_tokens}
+    return {}
+
+
 def train_reward_model(out: Path, steps: int) -> Path:
     t0 = time.perf_counter()
     train_reward(
@@ -88,7 +97,8 @@ def run_ppo(name: str, reward: Path, out: Path, args) -> dict:
         plot_every=0,
         progress=False,
         seed=args.seed,
-        **CONFIGS[name],
+        value_warmup_steps=args.value_warmup_steps,
+        **{**CONFIGS[name], **overrides(args, name)},
     )
     t0 = time.perf_counter()
     result = train_ppo(config, log=None)
@@ -105,6 +115,8 @@ def run_ppo(name: str, reward: Path, out: Path, args) -> dict:
     figures = {
         "config": name,
         **CONFIGS[name],
+        **overrides(args, name),
+        "value_warmup_steps": args.value_warmup_steps,
         "steps": len(rows),
         "wall_s": wall,
         "step_s": step_time,
@@ -141,7 +153,8 @@ def report(f: dict) -> None:
         f"  score: first half {f['score_first_half']:+.3f} → second half "
         f"{f['score_second_half']:+.3f} · KL {f['kl_last']:.2f} nats · EOS "
         f"{f['eos_fraction_last']:.0%}\n"
-        f"  value model from the {f['value_init']} · explained variance: first half "
+        f"  value model from the {f['value_init']}, {f['value_warmup_steps']} warm-up "
+        "updates (policy frozen) · explained variance: first half "
         f"{f['explained_variance_first_half']:+.2f} → second half "
         f"{f['explained_variance_second_half']:+.2f}"
     )
@@ -171,6 +184,18 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-prompts", type=int, default=32)
     parser.add_argument("--configs", default="issue,small")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="the issue config's response budget instead of its 48 tokens",
+    )
+    parser.add_argument(
+        "--value-warmup-steps",
+        type=int,
+        default=0,
+        help="first updates that train only the value model (0)",
+    )
     parser.add_argument(
         "--threads",
         type=int,

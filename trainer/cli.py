@@ -243,6 +243,12 @@ def _add_ppo(commands) -> None:
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (merged on save)")
     p.add_argument("--lora-r", type=int, default=d.lora_r)
     p.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
+    p.add_argument(
+        "--value-warmup-steps",
+        type=int,
+        default=d.value_warmup_steps,
+        help="first steps that train only the value model (0)",
+    )
     p.add_argument("--value-init", choices=("auto", "reward", "policy"), default=d.value_init)
     p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--plot-every", type=int, default=d.plot_every)

@@ -244,6 +244,12 @@ class PPOConfig:
     lora_alpha: int = 32
     """LoRA scaling numerator (the update is scaled by ``alpha / r``)."""
 
+    value_warmup_steps: int = 0
+    """Steps at the start that train only the value model (the policy is frozen: no policy
+    loss, no PPO-ptx loss): a value model started from the reward model or a fresh head first
+    learns the returns, so the policy's first advantages are not noise (OpenRLHF's
+    ``freezing_actor_steps``). They count in ``steps``."""
+
     value_init: str = "auto"
     """Where the value model starts: ``reward`` (the reward model; needs the policy's
     vocabulary), ``policy`` (the policy with a fresh head) or ``auto`` (reward when possible)."""

@@ -416,6 +416,8 @@ class PPOTrainer:
             raise PPOError("steps ≥ 0, batch_size ≥ 1, mini_batches ≥ 1, ppo_epochs ≥ 1")
         if c.mini_batches > c.batch_size:
             raise PPOError("mini_batches cannot exceed batch_size")
+        if c.value_warmup_steps < 0:
+            raise PPOError("value_warmup_steps must be ≥ 0")
         if c.value_init not in ("auto", "reward", "policy"):
             raise PPOError("value_init must be auto, reward or policy")
         if not 0 < c.top_p <= 1:
@@ -734,6 +736,7 @@ class PPOTrainer:
             stats.setdefault(name, []).append(float(value))
 
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        frozen = step < c.value_warmup_steps  # value warm-up: the policy is not trained
         for epoch in range(c.ppo_epochs):
             g = torch.Generator().manual_seed(_step_seed(c.seed, 1, step, epoch))
             order = torch.randperm(n, generator=g)
@@ -745,9 +748,10 @@ class PPOTrainer:
                 left, width = trim_widths(r.query_mask[mb], r.mask[mb])
                 queries, query_mask = r.queries[mb, left:], r.query_mask[mb, left:]
                 responses, mask = r.responses[mb, :width], r.mask[mb, :width]
-                logprobs, entropy = self.forward_logprobs(
-                    self.policy, queries, query_mask, responses, mask, entropy=True
-                )
+                with torch.set_grad_enabled(not frozen):
+                    logprobs, entropy = self.forward_logprobs(
+                        self.policy, queries, query_mask, responses, mask, entropy=True
+                    )
                 vpred = self.forward_values(queries, query_mask, responses, mask)
                 old_values = r.values[mb, :width]
                 returns, adv = r.returns[mb, :width], r.advantages[mb, :width]
@@ -767,8 +771,8 @@ class PPOTrainer:
                 pg_losses = -adv * ratio
                 pg_losses2 = -adv * ratio.clamp(1.0 - c.cliprange, 1.0 + c.cliprange)
                 pg_loss = ops.masked_mean(torch.max(pg_losses, pg_losses2), mask)
-                loss = pg_loss + c.vf_coef * vf_loss
-                if c.ptx_coef > 0:
+                loss = c.vf_coef * vf_loss if frozen else pg_loss + c.vf_coef * vf_loss
+                if c.ptx_coef > 0 and not frozen:
                     ptx = self._ptx_loss(step, epoch, index, len(mb))
                     loss = loss + c.ptx_coef * ptx
                     add("loss/ptx", ptx.detach())
@@ -802,6 +806,7 @@ class PPOTrainer:
         out = {k: sum(v) / len(v) for k, v in stats.items()}
         out["policy/ratio_first"] = ratio_first
         out["guard/skipped_minibatches"] = float(skipped)
+        out["policy/frozen"] = float(frozen)
         return out
 
     def train_step(self, step: int) -> dict[str, Any]:

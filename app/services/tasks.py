@@ -230,8 +230,25 @@ _HEAD_IDS = (
     .table_valued("id")
     .render_derived(name="head")
 )
+# PostgreSQL also returns the completions to show (the first ``k`` by id, as JSON pairs) with
+# the prompt it picks: one round trip fewer per new lease.
+_shown = (
+    select(_C.c.id, _C.c.text)
+    .where(_C.c.prompt_id == _P.c.id)
+    .order_by(_C.c.id)
+    .limit(bindparam("k"))
+    .correlate(_P)
+    .subquery("shown")
+)
+_SHOWN = select(
+    func.json_agg(
+        postgresql.aggregate_order_by(
+            func.json_build_array(_shown.c.id, _shown.c.text), _shown.c.id
+        )
+    )
+).scalar_subquery()
 _IN_HEAD = {
-    "postgresql": select(_P.c.id, _P.c.messages)
+    "postgresql": select(_P.c.id, _P.c.messages, _SHOWN.label("shown"))
     .select_from(_HEAD_IDS.join(_P, _P.c.id == _HEAD_IDS.c.id))
     .where(*_HEAD_SLOT, *_NEW_TO_USER)
     .limit(_n(1))
@@ -265,7 +282,7 @@ _USER_LIVE = (
     _L.c.expires_at > bindparam("now"),
 )
 _FIRST_EXPIRY = select(func.min(_L.c.expires_at)).where(*_USER_LIVE)
-_PROJECT_FOR_TASK = select(
+_PROJECT_AND_RESUME = select(
     _PR.c.id,
     _PR.c.slug,
     _PR.c.overlap,
@@ -275,6 +292,33 @@ _PROJECT_FOR_TASK = select(
     _RESUME.label("resume_id"),
     select(func.count()).where(*_USER_LIVE).scalar_subquery().label("live_leases"),
 ).where(_PR.c.slug == bindparam("slug"))
+# PostgreSQL also reads the head of the project's queue (_QUEUE_HEAD's rows, as JSON pairs
+# [id, annotation_count] in priority order) in the same round trip.
+_head_rows = (
+    select(_P.c.id, _P.c.annotation_count)
+    .where(
+        _P.c.project_id == _PR.c.id,
+        _P.c.annotation_count < _PR.c.overlap,
+        _P.c.annotation_count + _P.c.open_leases < _PR.c.overlap,
+    )
+    .order_by(*_PRIORITY)
+    .limit(_n(QUEUE_HEAD_WINDOW))
+    .correlate(_PR)
+    .subquery("head_rows")
+)
+_QUEUE_HEAD_OF_PROJECT = select(
+    func.json_agg(
+        postgresql.aggregate_order_by(
+            func.json_build_array(_head_rows.c.id, _head_rows.c.annotation_count),
+            _head_rows.c.annotation_count.desc(),
+            _head_rows.c.id.desc(),
+        )
+    )
+).scalar_subquery()
+_PROJECT_FOR_TASK = {
+    "postgresql": _PROJECT_AND_RESUME.add_columns(_QUEUE_HEAD_OF_PROJECT.label("head")),
+    "sqlite": _PROJECT_AND_RESUME,
+}
 _IS_MEMBER = select(ProjectMember.__table__.c.user_id).where(
     ProjectMember.__table__.c.project_id == bindparam("project_id"),
     ProjectMember.__table__.c.user_id == bindparam("user_id"),
@@ -414,9 +458,10 @@ def next_task(
     conn = session.connection()
     now = utcnow()
     # One round trip for the project and the user's open lease in it (the common cases are
-    # "no open lease" under load and "resume" on a page reload).
+    # "no open lease" under load and "resume" on a page reload), and on PostgreSQL the head of
+    # the queue.
     project = conn.execute(
-        _PROJECT_FOR_TASK,
+        _PROJECT_FOR_TASK.get(conn.dialect.name, _PROJECT_AND_RESUME),
         {
             "slug": slug,
             "user_id": user.id,
@@ -439,11 +484,14 @@ def next_task(
     if max_open_leases is not None and project.live_leases >= max_open_leases:
         _too_many_leases(session, user_id=user.id, now=now, held=project.live_leases)
 
+    # json_agg of no rows is NULL: an empty queue
+    head = _spread(project.head or []) if "head" in project._fields else None
     for _ in range(2):  # a second try only after losing a same-user race (unique violation)
         try:
-            return _new_lease(session, project=project, user_id=user.id)
+            return _new_lease(session, project=project, user_id=user.id, head=head)
         except IntegrityError:
             session.rollback()
+            head = None  # read the queue again
     raise Conflict("could not assign a task, retry")
 
 
@@ -458,7 +506,11 @@ def _too_many_leases(session: Session, *, user_id: int, now: datetime, held: int
     )
 
 
-def _new_lease(session: Session, *, project: Any, user_id: int) -> Task | None:
+def _new_lease(
+    session: Session, *, project: Any, user_id: int, head: list[int] | None = None
+) -> Task | None:
+    """A new lease for ``user_id``; ``head``: the queue's head read with the project (None:
+    read it here)."""
     global _last_reclaim
     write_transaction(session)
     conn = session.connection()
@@ -466,20 +518,25 @@ def _new_lease(session: Session, *, project: Any, user_id: int) -> Task | None:
     reclaimed = False
     if time.monotonic() - _last_reclaim >= RECLAIM_INTERVAL:
         _last_reclaim = time.monotonic()
-        reclaim_expired(session, now=now)
+        if reclaim_expired(session, now=now):
+            head = None  # slots came free: the head read before may miss them
         reclaimed = True
-    row = _find_candidate(conn, project=project, user_id=user_id)
+    row = _find_candidate(conn, project=project, user_id=user_id, head=head)
     if row is None and not reclaimed and reclaim_expired(session, now=now):
         row = _find_candidate(conn, project=project, user_id=user_id)  # slots came free
     if row is None:
         session.commit()
         return None
-    prompt_id, messages = row
-    shown = list(
-        conn.execute(
-            _FIRST_COMPLETIONS, {"prompt_id": prompt_id, "k": project.completions_per_task}
-        )
-    )
+    prompt_id, messages, *rest = row
+    if rest and rest[0] is not None:  # fetched with the prompt (PostgreSQL, queue head)
+        shown = [(cid, text) for cid, text in rest[0]]
+    else:
+        shown = [
+            tuple(c)
+            for c in conn.execute(
+                _FIRST_COMPLETIONS, {"prompt_id": prompt_id, "k": project.completions_per_task}
+            )
+        ]
     _rng.shuffle(shown)
     expires_at = now + timedelta(seconds=project.lease_seconds)
     values = {
@@ -487,7 +544,7 @@ def _new_lease(session: Session, *, project: Any, user_id: int) -> Task | None:
         "prompt_id": prompt_id,
         "user_id": user_id,
         "status": LeaseStatus.open,
-        "display_order": [c.id for c in shown],
+        "display_order": [cid for cid, _ in shown],
         "created_at": now,
         "expires_at": expires_at,
         "closed_at": None,
@@ -503,18 +560,21 @@ def _new_lease(session: Session, *, project: Any, user_id: int) -> Task | None:
         expires_at=expires_at,
         prompt=TaskPrompt(id=prompt_id, messages=messages),
         completions=[
-            TaskCompletion(id=c.id, label=LABELS[i], text=c.text) for i, c in enumerate(shown)
+            TaskCompletion(id=cid, label=LABELS[i], text=text)
+            for i, (cid, text) in enumerate(shown)
         ],
     )
 
 
-def _find_candidate(conn: Any, *, project: Any, user_id: int) -> Any:
+def _find_candidate(conn: Any, *, project: Any, user_id: int, head: list[int] | None = None) -> Any:
     params: dict[str, Any] = {
         "project_id": project.id,
         "overlap": project.overlap,
         "user_id": user_id,
+        "k": project.completions_per_task,
     }
-    head = _spread(conn.execute(_QUEUE_HEAD, params).all())
+    if head is None:
+        head = _spread(conn.execute(_QUEUE_HEAD, params).all())
     if head:
         in_head = _IN_HEAD.get(conn.dialect.name, _IN_HEAD["sqlite"])
         row = conn.execute(in_head, {**params, "head": head}).first()

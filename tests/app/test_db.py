@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 
 import pytest
 from sqlalchemy import event, func, select, text
@@ -84,3 +85,39 @@ def test_concurrent_imports_of_the_same_file_never_duplicate(committed_engine):
     with factory() as s:
         assert s.scalar(select(func.count()).select_from(Prompt)) == n
         assert s.scalar(select(func.count()).select_from(Completion)) == 2 * n
+
+
+def test_postgres_checkout_needs_no_round_trip_and_drops_a_connection_the_server_closed(
+    tmp_path,
+):
+    url, drop = create_database("postgresql", tmp_path)
+    engine = make_engine(url, pool_size=1)
+    admin = make_engine(url, pool_size=1)
+    sent: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *a: sent.append(a[2]))
+    try:
+        with engine.connect() as conn:
+            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        sent.clear()
+        with engine.connect() as conn:  # the pooled connection, with no ping before it
+            assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() == pid
+        assert sent == ["SELECT pg_backend_pid()"]
+
+        # The server ends that backend while it sits in the pool (as a restart or an idle
+        # timeout would): the next checkout sees the socket readable, drops the connection
+        # and connects anew, with no error for the caller.
+        with admin.connect() as conn:
+            assert conn.exec_driver_sql(f"SELECT pg_terminate_backend({pid})").scalar()
+            for _ in range(100):  # the backend exits asynchronously
+                gone = not conn.exec_driver_sql(
+                    f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"
+                ).scalar()
+                if gone:
+                    break
+                time.sleep(0.02)
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() != pid
+    finally:
+        engine.dispose()
+        admin.dispose()
+        drop()

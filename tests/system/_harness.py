@@ -175,8 +175,15 @@ class Server:
     worker), with its log appended to ``data_dir/serve.log`` across restarts."""
 
     def __init__(
-        self, *, database_url: str, data_dir: Path, workers: int = 2, **settings: str
+        self,
+        *,
+        database_url: str,
+        data_dir: Path,
+        workers: int = 2,
+        args: tuple[str, ...] = (),
+        **settings: str,
     ) -> None:
+        self.args = args  # more `prefero serve` options
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.workers = workers
@@ -193,7 +200,7 @@ class Server:
 
     def start(self, timeout: float = 90.0) -> None:
         cmd = [prefero_command(), "serve", "--port", str(self.port)]
-        cmd += ["--workers", str(self.workers), "--log-level", "warning"]
+        cmd += ["--workers", str(self.workers), "--log-level", "warning", *self.args]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

@@ -202,7 +202,8 @@ def test_postgres_stopped_and_started_under_load(cluster, tmp_path):
     for c in calls:
         assert c.status in UP_STATUS[c.kind] or _is_clean_503(c), (c.kind, c.status, c.body)
 
-    # Back up: the pool reconnects by itself (pre-ping); no restart of the service.
+    # Back up: the pool reconnects by itself (a closed connection is dropped at checkout); no
+    # restart of the service.
     late = [c for c in calls if c.started >= up_at + RECOVERY_S]
     assert len(late) > 20
     failed_late = [(c.kind, c.status, c.body[:200]) for c in late if c.status == 503]

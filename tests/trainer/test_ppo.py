@@ -158,6 +158,27 @@ def test_one_step_changes_every_trainable_parameter_of_policy_and_value(models, 
     assert 0 < row["time/generation_share"] < 1
 
 
+def test_value_warmup_steps_train_only_the_value_model(models, tmp_path):
+    trainer = make_trainer(models, tmp_path, value_warmup_steps=1, ptx_coef=0.0)
+    before = trainable(trainer)
+    row = trainer.train_step(0)  # a warm-up step: the policy stays as it was
+    after = trainable(trainer)
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved
+    assert all(k.startswith("value.") for k in moved)
+    assert row["policy/frozen"] == 1.0
+    assert row["val/ratio"] == pytest.approx(1.0, abs=1e-6)  # the policy never changed
+    row = trainer.train_step(1)  # past the warm-up: both train
+    assert row["policy/frozen"] == 0.0
+    policy_after = trainable(trainer)
+    assert any(not torch.equal(after[k], policy_after[k]) for k in after if k.startswith("policy."))
+
+
+def test_negative_value_warmup_steps_are_refused(models, tmp_path):
+    with pytest.raises(PPOError, match="value_warmup_steps"):
+        make_trainer(models, tmp_path, value_warmup_steps=-1)
+
+
 def test_the_value_model_starts_as_the_reward_model(models, tmp_path):
     trainer = make_trainer(models, tmp_path)
     rm = load_reward_model(models["reward"])
