@@ -246,9 +246,11 @@ class PPOConfig:
 
     value_warmup_steps: int = 0
     """Steps at the start that train only the value model (the policy is frozen: no policy
-    loss, no PPO-ptx loss): a value model started from the reward model or a fresh head first
-    learns the returns, so the policy's first advantages are not noise (OpenRLHF's
-    ``freezing_actor_steps``). They count in ``steps``."""
+    loss, no PPO-ptx loss; OpenRLHF's ``freezing_actor_steps``), on Monte-Carlo returns (λ = 1)
+    and without the value clip: a value model started from the reward model (whose scores of
+    unfinished prefixes can be far off) or from a fresh head first learns what the responses
+    score, so the policy's first advantages are not driven by that error. They count in
+    ``steps``."""
 
     value_init: str = "auto"
     """Where the value model starts: ``reward`` (the reward model; needs the policy's

@@ -681,9 +681,11 @@ class PPOTrainer:
         )
         return rollout, timings
 
-    def compute_advantages(self, r: Rollout) -> None:
+    def compute_advantages(self, r: Rollout, *, lam: float | None = None) -> None:
         """Stage 5: KL-penalised per-token rewards, the score on the last real token, GAE and
-        whitened advantages (in place on the rollout)."""
+        whitened advantages (in place on the rollout). ``lam`` overrides the config's λ (1:
+        the returns are Monte-Carlo, sums of the rewards to the end, with no bootstrap from
+        the values)."""
         c = self.config
         maskf = r.mask.float()
         kl = ops.kl_k1(r.logprobs, r.ref_logprobs) * maskf
@@ -692,7 +694,8 @@ class PPOTrainer:
         rewards[torch.arange(len(last), device=rewards.device), last] += r.scores
         if c.whiten_rewards:
             rewards = ops.masked_whiten(rewards, r.mask, shift_mean=False)
-        advantages, returns = ops.gae(rewards, r.values, r.mask, gamma=c.gamma, lam=c.lam)
+        lam = c.lam if lam is None else lam
+        advantages, returns = ops.gae(rewards, r.values, r.mask, gamma=c.gamma, lam=lam)
         r.rewards = rewards
         r.returns = returns
         r.advantages = ops.masked_whiten(advantages, r.mask)
@@ -760,7 +763,10 @@ class PPOTrainer:
                 vclipped = old_values + (vpred - old_values).clamp(
                     -c.cliprange_value, c.cliprange_value
                 )
-                vf_losses = torch.max((vpred - returns) ** 2, (vclipped - returns) ** 2)
+                if frozen:  # warm-up: the values may move as far as the returns are
+                    vf_losses = (vpred - returns) ** 2
+                else:
+                    vf_losses = torch.max((vpred - returns) ** 2, (vclipped - returns) ** 2)
                 vf_loss = 0.5 * ops.masked_mean(vf_losses, mask)
                 vf_clipfrac = ops.masked_mean(
                     ((vclipped - returns) ** 2 > (vpred - returns) ** 2).float(), mask
@@ -833,7 +839,10 @@ class PPOTrainer:
             row["kl_coef"] = self.kl_ctl.value
             update = {}
         else:
-            self.compute_advantages(r)
+            # Value warm-up: the value model fits Monte-Carlo returns (λ = 1), not returns
+            # bootstrapped from its own values, which may start far off (a reward model's
+            # scores of unfinished prefixes).
+            self.compute_advantages(r, lam=1.0 if step < c.value_warmup_steps else None)
             t0 = time.perf_counter()
             update = self.update(r, step)
             timings["update"] = time.perf_counter() - t0

@@ -174,6 +174,18 @@ def test_value_warmup_steps_train_only_the_value_model(models, tmp_path):
     assert any(not torch.equal(after[k], policy_after[k]) for k in after if k.startswith("policy."))
 
 
+def test_value_warmup_fits_monte_carlo_returns(models, tmp_path):
+    trainer = make_trainer(models, tmp_path, value_warmup_steps=1)
+    r, _ = trainer.rollout(trainer.batch_prompts(0))
+    trainer.compute_advantages(r, lam=1.0)
+    # λ = 1: each token's return is the sum of the rewards from it to the end of the response
+    # (gamma = 1), whatever the values are.
+    to_end = (r.rewards * r.mask).flip(-1).cumsum(-1).flip(-1)
+    assert torch.allclose(r.returns[r.mask], to_end[r.mask], atol=1e-5)
+    trainer.compute_advantages(r)  # the config's λ (0.95) bootstraps from the values
+    assert not torch.allclose(r.returns[r.mask], to_end[r.mask], atol=1e-3)
+
+
 def test_negative_value_warmup_steps_are_refused(models, tmp_path):
     with pytest.raises(PPOError, match="value_warmup_steps"):
         make_trainer(models, tmp_path, value_warmup_steps=-1)
