@@ -19,7 +19,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app import __version__
 from app.config import Settings, get_settings
-from app.db import engine_from_settings, make_session_factory
+from app.db import engine_from_settings, make_session_factory, make_statement_session_factory
 from app.errors import DomainError, TooManyRequests
 from app.observability import Observability, install_record_factory, worker_stopped
 from app.routes import (
@@ -82,7 +82,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
-    app.state.open_session = app.state.session_factory  # see app.deps.request_session
+    # the labeling routes' sessions: statement by statement on PostgreSQL (app.deps.request_session)
+    app.state.open_session = make_statement_session_factory(engine)
 
     # Routes are matched in order: the labeling API, most of the traffic, first.
     api_modules = (

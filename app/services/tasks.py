@@ -167,7 +167,8 @@ _READY = exists(
     select(literal(1)).where(_C.c.prompt_id == _P.c.id).limit(_n(1)).offset(_n(MIN_COMPLETIONS - 1))
 )
 _HAS_FREE_SLOT = (
-    _P.c.project_id == bindparam("project_id"),
+    # (not "project_id": an UPDATE of prompts would take a parameter of that name as a SET)
+    _P.c.project_id == bindparam("in_project"),
     _P.c.annotation_count < bindparam("overlap"),
     _P.c.annotation_count + _P.c.open_leases < bindparam("overlap"),
 )
@@ -230,25 +231,8 @@ _HEAD_IDS = (
     .table_valued("id")
     .render_derived(name="head")
 )
-# PostgreSQL also returns the completions to show (the first ``k`` by id, as JSON pairs) with
-# the prompt it picks: one round trip fewer per new lease.
-_shown = (
-    select(_C.c.id, _C.c.text)
-    .where(_C.c.prompt_id == _P.c.id)
-    .order_by(_C.c.id)
-    .limit(bindparam("k"))
-    .correlate(_P)
-    .subquery("shown")
-)
-_SHOWN = select(
-    func.json_agg(
-        postgresql.aggregate_order_by(
-            func.json_build_array(_shown.c.id, _shown.c.text), _shown.c.id
-        )
-    )
-).scalar_subquery()
 _IN_HEAD = {
-    "postgresql": select(_P.c.id, _P.c.messages, _SHOWN.label("shown"))
+    "postgresql": select(_P.c.id, _P.c.messages)
     .select_from(_HEAD_IDS.join(_P, _P.c.id == _HEAD_IDS.c.id))
     .where(*_HEAD_SLOT, *_NEW_TO_USER)
     .limit(_n(1))
@@ -341,7 +325,7 @@ _COUNT_ANNOTATION = (
     .where(_P.c.id == bindparam("pid"), _P.c.annotation_count < bindparam("overlap"))
     .values(annotation_count=_P.c.annotation_count + 1, open_leases=_P.c.open_leases - 1)
 )
-_LOCK_LEASE = (
+_LEASE_TO_SUBMIT = (
     select(
         _L.c.id,
         _L.c.user_id,
@@ -359,8 +343,8 @@ _LOCK_LEASE = (
     )
     .join(_PR, _PR.c.id == _L.c.project_id)
     .where(_L.c.id == bindparam("lease_id"))
-    .with_for_update(of=_L)
 )
+_LOCK_LEASE = _LEASE_TO_SUBMIT.with_for_update(of=_L)
 _CLOSE_LEASE = (
     update(_L)
     .where(_L.c.id == bindparam("lid"))
@@ -387,26 +371,89 @@ _LEASE_COLUMNS = (
     "project_id", "prompt_id", "user_id", "status", "display_order", "created_at",
     "expires_at", "closed_at",
 )  # fmt: skip
-_slot_taken = (
-    update(_P)
-    .where(_P.c.id == bindparam("v_prompt_id"))
-    .values(open_leases=_P.c.open_leases + 1)
-    .returning(_P.c.id)
-    .cte("slot_taken")
-)
-_new_lease = (
-    insert(_L)
-    .from_select(_LEASE_COLUMNS, select(*_typed(_L, _LEASE_COLUMNS)).select_from(_slot_taken))
-    .returning(_L.c.id)
-    .cte("new_lease")
-)
-_LEASE_AND_SLOT = select(_new_lease.c.id)
+
+
+def _pick_and_lease(candidate: Any) -> Any:
+    """PostgreSQL: ``candidate`` (a locking, SKIP LOCKED select of one prompt's id and
+    messages) and everything a new lease writes, as one statement: the prompt locked, its first
+    ``k`` completions (by id) put in a random order, its slot taken, the lease inserted; back
+    comes one row (prompt id, messages, lease id, display order, the shown completions as JSON
+    pairs [id, text]), or none when there is no candidate. It needs no transaction around it
+    (one round trip, and the prompt's row lock lasts for that one statement)."""
+    picked = candidate.cte("picked")
+    shown = (
+        select(_C.c.id, _C.c.text)
+        .where(_C.c.prompt_id == select(picked.c.id).scalar_subquery())
+        .order_by(_C.c.id)
+        .limit(bindparam("k"))
+        .cte("shown")
+    )
+    slot = (
+        update(_P)
+        .where(_P.c.id == picked.c.id)
+        .values(open_leases=_P.c.open_leases + 1)
+        .returning(_P.c.id)
+        .cte("slot")
+    )
+    display_order = select(
+        func.jsonb_agg(postgresql.aggregate_order_by(shown.c.id, func.random()))
+    ).scalar_subquery()
+    lease = (
+        insert(_L)
+        .from_select(
+            _LEASE_COLUMNS,
+            select(
+                *_typed(_L, ("project_id",)),
+                slot.c.id,
+                *_typed(_L, ("user_id", "status")),
+                display_order,
+                *_typed(_L, ("created_at", "expires_at", "closed_at")),
+            ),
+        )
+        .returning(_L.c.id, _L.c.display_order)
+        .cte("lease")
+    )
+    shown_json = select(
+        func.json_agg(func.json_build_array(shown.c.id, shown.c.text))
+    ).scalar_subquery()
+    return select(
+        picked.c.id,
+        picked.c.messages,
+        lease.c.id.label("lease_id"),
+        lease.c.display_order,
+        shown_json.label("shown"),
+    ).select_from(picked.join(lease, literal(True)))
+
+
+_PICK_AND_LEASE = {
+    "head": _pick_and_lease(_IN_HEAD["postgresql"]),
+    "fresh": _pick_and_lease(_FRESH),
+    "anywhere": _pick_and_lease(_ANYWHERE),
+}
 _ANNOTATION_COLUMNS = tuple(c.name for c in _A.c if c.name != "id")
 # The count moves only while the prompt is below its overlap; the annotation and the lease's
 # new status are written only when it did (no row back: nothing written, see submit()).
+# Run on its own (no transaction around it, see submit()), the statement first locks the lease
+# and checks that it is still this user's, open and live: a concurrent retry, skip or reclaim
+# of the same lease has either finished (the re-check fails) or waits for this one.
+_still_open = (
+    select(_L.c.id)
+    .where(
+        _L.c.id == bindparam("v_lease_id"),
+        _L.c.user_id == bindparam("v_user_id"),
+        _L.c.status == LeaseStatus.open,
+        _L.c.expires_at > bindparam("v_created_at"),
+    )
+    .with_for_update(of=_L)
+    .cte("still_open")
+)
 _counted = (
     update(_P)
-    .where(_P.c.id == bindparam("v_prompt_id"), _P.c.annotation_count < bindparam("v_overlap"))
+    .where(
+        _P.c.id == bindparam("v_prompt_id"),
+        _P.c.annotation_count < bindparam("v_overlap"),
+        exists(select(_still_open.c.id)),
+    )
     .values(annotation_count=_P.c.annotation_count + 1, open_leases=_P.c.open_leases - 1)
     .returning(_P.c.id)
     .cte("counted")
@@ -511,50 +558,91 @@ def _new_lease(
 ) -> Task | None:
     """A new lease for ``user_id``; ``head``: the queue's head read with the project (None:
     read it here)."""
-    global _last_reclaim
-    write_transaction(session)
-    conn = session.connection()
     now = utcnow()
     reclaimed = False
     if time.monotonic() - _last_reclaim >= RECLAIM_INTERVAL:
-        _last_reclaim = time.monotonic()
-        if reclaim_expired(session, now=now):
+        if _reclaim(session, now=now):
             head = None  # slots came free: the head read before may miss them
         reclaimed = True
+    if session.get_bind().dialect.name == "postgresql":
+        return _new_lease_in_one_statement(
+            session, project=project, user_id=user_id, head=head, now=now, reclaimed=reclaimed
+        )
+    write_transaction(session)
+    conn = session.connection()
     row = _find_candidate(conn, project=project, user_id=user_id, head=head)
-    if row is None and not reclaimed and reclaim_expired(session, now=now):
-        row = _find_candidate(conn, project=project, user_id=user_id)  # slots came free
+    if row is None and not reclaimed and _reclaim(session, now=now):  # slots came free
+        write_transaction(session)
+        conn = session.connection()
+        row = _find_candidate(conn, project=project, user_id=user_id)
     if row is None:
         session.commit()
         return None
-    prompt_id, messages, *rest = row
-    if rest and rest[0] is not None:  # fetched with the prompt (PostgreSQL, queue head)
-        shown = [(cid, text) for cid, text in rest[0]]
-    else:
-        shown = [
-            tuple(c)
-            for c in conn.execute(
-                _FIRST_COMPLETIONS, {"prompt_id": prompt_id, "k": project.completions_per_task}
-            )
-        ]
+    prompt_id, messages = row
+    shown = [
+        tuple(c)
+        for c in conn.execute(
+            _FIRST_COMPLETIONS, {"prompt_id": prompt_id, "k": project.completions_per_task}
+        )
+    ]
     _rng.shuffle(shown)
-    expires_at = now + timedelta(seconds=project.lease_seconds)
-    values = {
+    values = _lease_values(project, prompt_id, user_id, now)
+    values["display_order"] = [cid for cid, _ in shown]
+    lease_id = conn.execute(_INSERT_LEASE, values).scalar_one()
+    conn.execute(_TAKE_SLOT, {"pid": prompt_id})
+    session.commit()
+    return _new_task(lease_id, values["expires_at"], prompt_id, messages, shown)
+
+
+def _new_lease_in_one_statement(
+    session: Session,
+    *,
+    project: Any,
+    user_id: int,
+    head: list[int] | None,
+    now: datetime,
+    reclaimed: bool,
+) -> Task | None:
+    """PostgreSQL: pick and lease in one statement (:func:`_pick_and_lease`), which needs no
+    transaction around it: the labeling routes' sessions run it on its own
+    (:func:`app.db.make_statement_session_factory`), one round trip per new lease."""
+    conn = session.connection()
+    values = _lease_values(project, None, user_id, now)
+    params = {
+        "in_project": project.id,
+        "overlap": project.overlap,
+        "user_id": user_id,
+        "k": project.completions_per_task,
+        **_prefixed(values),
+    }
+    row = _find_candidate(conn, project=project, user_id=user_id, head=head, params=params)
+    if row is None and not reclaimed and _reclaim(session, now=now):
+        conn = session.connection()
+        row = _find_candidate(conn, project=project, user_id=user_id, params=params)
+    session.commit()  # sends nothing in autocommit mode
+    if row is None:
+        return None
+    texts = dict(row.shown)
+    shown = [(cid, texts[cid]) for cid in row.display_order]
+    return _new_task(row.lease_id, values["expires_at"], row.id, row.messages, shown)
+
+
+def _lease_values(project: Any, prompt_id: int | None, user_id: int, now: datetime) -> dict:
+    return {
         "project_id": project.id,
         "prompt_id": prompt_id,
         "user_id": user_id,
         "status": LeaseStatus.open,
-        "display_order": [cid for cid, _ in shown],
+        "display_order": None,
         "created_at": now,
-        "expires_at": expires_at,
+        "expires_at": now + timedelta(seconds=project.lease_seconds),
         "closed_at": None,
     }
-    if conn.dialect.name == "postgresql":
-        lease_id = conn.execute(_LEASE_AND_SLOT, _prefixed(values)).scalar_one()
-    else:
-        lease_id = conn.execute(_INSERT_LEASE, values).scalar_one()
-        conn.execute(_TAKE_SLOT, {"pid": prompt_id})
-    session.commit()
+
+
+def _new_task(
+    lease_id: int, expires_at: datetime, prompt_id: int, messages: Any, shown: Sequence[tuple]
+) -> Task:
     return Task(
         lease_id=lease_id,
         expires_at=expires_at,
@@ -566,9 +654,30 @@ def _new_lease(
     )
 
 
-def _find_candidate(conn: Any, *, project: Any, user_id: int, head: list[int] | None = None) -> Any:
-    params: dict[str, Any] = {
-        "project_id": project.id,
+def _reclaim(session: Session, *, now: datetime) -> int:
+    """Reclaim expired leases in a transaction of their own; how many."""
+    global _last_reclaim
+    _last_reclaim = time.monotonic()
+    write_transaction(session)
+    n = reclaim_expired(session, now=now)
+    session.commit()
+    return n
+
+
+def _find_candidate(
+    conn: Any,
+    *,
+    project: Any,
+    user_id: int,
+    head: list[int] | None = None,
+    params: dict[str, Any] | None = None,
+) -> Any:
+    """The best candidate for ``user_id``, locked (SQLite: a row of its id and messages); on
+    PostgreSQL, with ``params`` holding the new lease's values, already leased (a row of
+    :func:`_pick_and_lease`)."""
+    leasing = params is not None
+    params = params or {
+        "in_project": project.id,
         "overlap": project.overlap,
         "user_id": user_id,
         "k": project.completions_per_task,
@@ -576,13 +685,16 @@ def _find_candidate(conn: Any, *, project: Any, user_id: int, head: list[int] | 
     if head is None:
         head = _spread(conn.execute(_QUEUE_HEAD, params).all())
     if head:
-        in_head = _IN_HEAD.get(conn.dialect.name, _IN_HEAD["sqlite"])
+        in_head = _PICK_AND_LEASE["head"] if leasing else _IN_HEAD["sqlite"]
         row = conn.execute(in_head, {**params, "head": head}).first()
         if row is not None:
             return row
     if len(head) < QUEUE_HEAD_WINDOW:
         return None  # the head was the whole queue
-    return conn.execute(_FRESH, params).first() or conn.execute(_ANYWHERE, params).first()
+    fresh, anywhere = (
+        (_PICK_AND_LEASE["fresh"], _PICK_AND_LEASE["anywhere"]) if leasing else (_FRESH, _ANYWHERE)
+    )
+    return conn.execute(fresh, params).first() or conn.execute(anywhere, params).first()
 
 
 def _spread(rows: Sequence[Any]) -> list[int]:
@@ -651,9 +763,11 @@ def reclaim_expired(session: Session, *, now: datetime | None = None) -> int:
 # --------------------------------------------------------------------------- lease actions
 
 
-def _locked_lease(session: Session, *, lease_id: int, user: User) -> Any:
-    """The lease row with its project's settings, locked; 404 or 403 (after a rollback)."""
-    lease = session.connection().execute(_LOCK_LEASE, {"lease_id": lease_id}).first()
+def _locked_lease(session: Session, *, lease_id: int, user: User, lock: bool = True) -> Any:
+    """The lease row with its project's settings, locked (unless not ``lock``); 404 or 403
+    (after a rollback)."""
+    query = _LOCK_LEASE if lock else _LEASE_TO_SUBMIT
+    lease = session.connection().execute(query, {"lease_id": lease_id}).first()
     if lease is None:
         session.rollback()
         raise NotFound(f"lease {lease_id} not found")
@@ -706,7 +820,17 @@ def _annotation_values(lease: Any, user: User, now: datetime, **fields: Any) -> 
 
 def submit(session: Session, *, lease_id: int, user: User, data: SubmitAnnotation) -> Recorded:
     """Record the annotation of an open lease. A retry of an already-recorded submit with the
-    same content returns the first annotation (``replayed``); different content is a 409."""
+    same content returns the first annotation (``replayed``); different content is a 409.
+
+    On PostgreSQL the common case (an open, live lease and a valid annotation) takes two
+    statements and no transaction around them: the lease read, then one statement that
+    re-checks it under a row lock and writes everything (:data:`_RECORD_SUBMIT`). Everything
+    else (a retry, an expired lease, a race with a reclaim) goes the transactional way below,
+    which also serves SQLite."""
+    if session.get_bind().dialect.name == "postgresql":
+        recorded = _submit_in_one_statement(session, lease_id=lease_id, user=user, data=data)
+        if recorded is not None:
+            return recorded
     write_transaction(session)
     now = utcnow()
     lease = _locked_lease(session, lease_id=lease_id, user=user)
@@ -723,23 +847,10 @@ def submit(session: Session, *, lease_id: int, user: User, data: SubmitAnnotatio
         raise InvalidInput("annotation rejected; nothing was written", errors=errors)
 
     conn = session.connection()
-    values = _annotation_values(
-        lease,
-        user,
-        now,
-        status=AnnotationStatus.submitted,
-        ranking=[list(group) for group in data.ranking],
-        likert={str(int(k)): v for k, v in data.likert.items()},
-        flags={str(int(k)): list(v) for k, v in data.flags.items() if v},
-        rationale=data.rationale.strip(),
-        duration_ms=data.duration_ms,
-        strength=data.strength,
-        both_bad=data.both_bad,
-    )
+    values = _submitted_values(lease, user, now, data)
     annotation_id: int | None = None
     if conn.dialect.name == "postgresql":  # count, insert and close in one statement
-        params = _prefixed({**values, "overlap": lease.overlap})
-        annotation_id = conn.execute(_RECORD_SUBMIT, params).scalar()
+        annotation_id = conn.execute(_RECORD_SUBMIT, _prefixed(values)).scalar()
     else:
         counted = conn.execute(
             _COUNT_ANNOTATION, {"pid": lease.prompt_id, "overlap": lease.overlap}
@@ -754,6 +865,46 @@ def submit(session: Session, *, lease_id: int, user: User, data: SubmitAnnotatio
         raise Conflict("this prompt already has all the annotations it needs")
     session.commit()
     return Recorded(annotation_id, lease.id)
+
+
+def _submitted_values(lease: Any, user: User, now: datetime, data: SubmitAnnotation) -> dict:
+    """The new annotation's columns (plus ``overlap``, for the count's guard)."""
+    return {
+        **_annotation_values(
+            lease,
+            user,
+            now,
+            status=AnnotationStatus.submitted,
+            ranking=[list(group) for group in data.ranking],
+            likert={str(int(k)): v for k, v in data.likert.items()},
+            flags={str(int(k)): list(v) for k, v in data.flags.items() if v},
+            rationale=data.rationale.strip(),
+            duration_ms=data.duration_ms,
+            strength=data.strength,
+            both_bad=data.both_bad,
+        ),
+        "overlap": lease.overlap,
+    }
+
+
+def _submit_in_one_statement(
+    session: Session, *, lease_id: int, user: User, data: SubmitAnnotation
+) -> Recorded | None:
+    """PostgreSQL's common case of :func:`submit`; None: take the transactional way (the
+    lease was not open and live when read, or stopped being so before the write)."""
+    now = utcnow()
+    lease = _locked_lease(session, lease_id=lease_id, user=user, lock=False)
+    if lease.status != LeaseStatus.open or lease.expires_at <= now:
+        session.rollback()
+        return None
+    errors = validate_submission(data, shown=lease.display_order, project=lease)
+    if errors:
+        session.rollback()
+        raise InvalidInput("annotation rejected; nothing was written", errors=errors)
+    values = _submitted_values(lease, user, now, data)
+    annotation_id = session.connection().execute(_RECORD_SUBMIT, _prefixed(values)).scalar()
+    session.commit()  # sends nothing in autocommit mode
+    return None if annotation_id is None else Recorded(annotation_id, lease.id)
 
 
 def _same_submission(earlier: Annotation, data: SubmitAnnotation) -> bool:

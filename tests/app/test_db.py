@@ -8,9 +8,9 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import event, func, select, text
+from sqlalchemy import event, func, insert, select, text
 
-from app.db import make_engine, make_session_factory
+from app.db import in_autocommit, make_engine, make_session_factory, make_statement_session_factory
 from app.models import Completion, Project, Prompt
 from app.services.imports import import_prompts
 from app.services.transactions import write_transaction
@@ -121,3 +121,26 @@ def test_postgres_checkout_needs_no_round_trip_and_drops_a_connection_the_server
         engine.dispose()
         admin.dispose()
         drop()
+
+
+def test_statement_sessions_commit_each_statement_until_a_write_transaction(committed_engine):
+    """The labeling routes' sessions (``make_statement_session_factory``): on PostgreSQL each
+    statement commits by itself (a rollback keeps it); ``write_transaction`` gives back an
+    ordinary transaction (a rollback undoes it), and the next statements commit one by one
+    again. On SQLite they are ordinary sessions."""
+    postgres = committed_engine.dialect.name == "postgresql"
+    factory = make_statement_session_factory(committed_engine)
+    with factory() as s:
+        assert in_autocommit(s) is postgres
+        s.execute(insert(Project).values(name="A", slug="a"))
+        s.rollback()
+        write_transaction(s)
+        assert not in_autocommit(s)
+        s.execute(insert(Project).values(name="B", slug="b"))
+        s.rollback()
+        s.execute(insert(Project).values(name="C", slug="c"))
+        assert in_autocommit(s) is postgres
+        s.rollback()
+    with make_session_factory(committed_engine)() as s:
+        kept = s.scalars(select(Project.slug).order_by(Project.slug)).all()
+    assert kept == (["a", "c"] if postgres else [])

@@ -1,7 +1,9 @@
 """Many annotators at once against a real database (committed transactions, one session per
 thread): the task invariants hold afterwards and nothing is lost or written twice.
 
-PostgreSQL runs 60 threads (row locks with SKIP LOCKED); SQLite 12 (BEGIN IMMEDIATE)."""
+PostgreSQL runs 60 threads (row locks with SKIP LOCKED), twice: with ordinary transactions and
+with the labeling routes' sessions, whose statements commit one by one
+(``make_statement_session_factory``); SQLite 12 (BEGIN IMMEDIATE)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,9 @@ from collections import Counter
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
 
-from app.db import make_engine, make_session_factory
+from app.db import make_engine, make_session_factory, make_statement_session_factory
 from app.errors import Conflict
 from app.models import (
     Annotation,
@@ -34,30 +36,42 @@ PROMPTS = 40
 OVERLAP = 3
 
 
-@pytest.fixture(params=[("postgresql", 60), ("sqlite", 12)], ids=["postgresql", "sqlite"])
+def seed(engine, *, prompts: int, users: int) -> None:
+    """Project "load" (K = 4, overlap 3) with ``prompts`` prompts, users u0, u1, …"""
+    with make_session_factory(engine)() as s:
+        project = Project(name="Load", slug="load", overlap=OVERLAP, completions_per_task=4)
+        s.add(project)
+        s.flush()
+        for i in range(prompts):
+            prompt = Prompt(
+                project_id=project.id,
+                external_id=f"p{i}",
+                messages=[{"role": "user", "content": f"prompt {i}"}],
+            )
+            prompt.completions = [
+                Completion(external_id=f"c{j}", text=f"answer {j}") for j in range(4)
+            ]
+            s.add(prompt)
+        s.add_all(User(username=f"u{i}", role=Role.annotator) for i in range(users))
+        s.commit()
+
+
+@pytest.fixture(
+    params=[
+        ("postgresql", 60, make_session_factory),
+        ("postgresql", 60, make_statement_session_factory),
+        ("sqlite", 12, make_session_factory),
+    ],
+    ids=["postgresql", "postgresql-statements", "sqlite"],
+)
 def crowd(request, tmp_path):
-    kind, threads = request.param
+    kind, threads, make_factory = request.param
     url, drop = create_database(kind, tmp_path)
     try:
         migrate(url)
         engine = make_engine(url, pool_size=threads + 5)
-        factory = make_session_factory(engine)
-        with factory() as s:
-            project = Project(name="Load", slug="load", overlap=OVERLAP, completions_per_task=4)
-            s.add(project)
-            s.flush()
-            for i in range(PROMPTS):
-                prompt = Prompt(
-                    project_id=project.id,
-                    external_id=f"p{i}",
-                    messages=[{"role": "user", "content": f"prompt {i}"}],
-                )
-                prompt.completions = [
-                    Completion(external_id=f"c{j}", text=f"answer {j}") for j in range(4)
-                ]
-                s.add(prompt)
-            s.add_all(User(username=f"u{i}", role=Role.annotator) for i in range(threads))
-            s.commit()
+        factory = make_factory(engine)
+        seed(engine, prompts=PROMPTS, users=threads)
         yield factory, threads
         engine.dispose()
     finally:
@@ -141,3 +155,112 @@ def test_concurrent_annotators_keep_the_invariants(crowd):
         assert set(per_prompt.values()) == {OVERLAP}
         open_leases = session.scalar(select(func.sum(Prompt.open_leases)))
         assert open_leases == 0
+
+
+# --------------------------------------------------------------------------- statement sessions
+
+
+@pytest.fixture
+def pg_project(tmp_path):
+    """A committed PostgreSQL database with project "load" (5 prompts) and users u0, u1."""
+    url, drop = create_database("postgresql", tmp_path)
+    try:
+        migrate(url)
+        engine = make_engine(url)
+        seed(engine, prompts=5, users=2)
+        yield engine
+        engine.dispose()
+    finally:
+        drop()
+
+
+def test_a_task_takes_two_statements_each_way_and_no_transaction_on_postgresql(
+    pg_project, monkeypatch
+):
+    monkeypatch.setattr(tasks, "_last_reclaim", float("inf"))  # no periodic reclaim pass now
+    seen: list[tuple[str, bool]] = []
+
+    def after(conn, _cursor, statement, *_):
+        # IDLE after the statement: it committed on its own (no BEGIN ... COMMIT around it)
+        idle = conn.connection.dbapi_connection.info.transaction_status.name == "IDLE"
+        seen.append((statement.split()[0], idle))
+
+    event.listen(pg_project, "after_cursor_execute", after)
+    with make_statement_session_factory(pg_project)() as session:
+        user = session.scalar(select(User).where(User.username == "u0"))
+        seen.clear()
+        task = tasks.next_task(session, slug="load", user=user)
+        assert task is not None
+        assert len(task.completions) == 4
+        assert seen == [("SELECT", True), ("WITH", True)]  # project + queue head; pick + lease
+        seen.clear()
+        data = SubmitAnnotation(ranking=[[c.id] for c in task.completions])
+        result = tasks.submit(session, lease_id=task.lease_id, user=user, data=data)
+        assert seen == [("SELECT", True), ("WITH", True)]  # the lease; re-check + write
+        assert not result.replayed
+    with make_session_factory(pg_project)() as session:
+        assert tasks.check_invariants(session) == []
+        lease = session.get(Lease, task.lease_id)
+        assert lease.display_order == [c.id for c in task.completions]
+        annotation = session.get(Annotation, result.annotation_id)
+        assert annotation.display_order == lease.display_order
+
+
+def _between_read_and_write(engine, action) -> None:
+    """Run ``action`` (in a session of its own) once, just before the one-statement submit
+    writes: what a concurrent request could do between that submit's two statements."""
+    done: list[bool] = []
+
+    def before(_conn, _cursor, statement, *_):
+        if statement.startswith("WITH still_open") and not done:
+            done.append(True)
+            with make_session_factory(engine)() as other:
+                action(other)
+
+    event.listen(engine, "before_cursor_execute", before)
+
+
+def test_a_lease_reclaimed_under_a_submit_is_a_409_and_nothing_is_written(pg_project):
+    factory = make_statement_session_factory(pg_project)
+    with factory() as session:
+        user = session.scalar(select(User).where(User.username == "u0"))
+        task = tasks.next_task(session, slug="load", user=user)
+
+        def expire_and_reclaim(other) -> None:
+            other.execute(
+                update(Lease)
+                .where(Lease.id == task.lease_id)
+                .values(expires_at=utcnow() - timedelta(seconds=1))
+            )
+            assert tasks.reclaim_expired(other) == 1
+            other.commit()
+
+        _between_read_and_write(pg_project, expire_and_reclaim)
+        data = SubmitAnnotation(ranking=[[c.id] for c in task.completions])
+        with pytest.raises(Conflict, match="already expired"):
+            tasks.submit(session, lease_id=task.lease_id, user=user, data=data)
+    with make_session_factory(pg_project)() as session:
+        assert tasks.check_invariants(session) == []
+        assert session.scalar(select(func.count()).select_from(Annotation)) == 0
+        assert session.scalar(select(func.sum(Prompt.open_leases))) == 0
+
+
+def test_a_submit_retried_while_the_first_is_in_flight_is_recorded_once(pg_project):
+    factory = make_statement_session_factory(pg_project)
+    with factory() as session:
+        user = session.scalar(select(User).where(User.username == "u0"))
+        task = tasks.next_task(session, slug="load", user=user)
+        data = SubmitAnnotation(ranking=[[c.id] for c in task.completions])
+        first: list[tasks.Recorded] = []
+        _between_read_and_write(
+            pg_project,
+            lambda other: first.append(
+                tasks.submit(other, lease_id=task.lease_id, user=user, data=data)
+            ),
+        )
+        retry = tasks.submit(session, lease_id=task.lease_id, user=user, data=data)
+    assert retry.replayed
+    assert retry.annotation_id == first[0].annotation_id
+    with make_session_factory(pg_project)() as session:
+        assert tasks.check_invariants(session) == []
+        assert session.scalar(select(func.count()).select_from(Annotation)) == 1
