@@ -21,6 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SECRET_FILE_NAME = "secret_key"
 
 
+MIN_REQUEST_THREADS = 4
+"""Request threads per app process at least (slow non-database work must not hold them all)."""
+
+
 class Settings(BaseSettings):
     """Service settings. Every field is documented in the README's configuration table."""
 
@@ -64,7 +68,7 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(
         default=5,
         description="Connections kept per app process, and the number of threads it runs "
-        "database work in.",
+        "database work in (at least 4).",
     )
     db_statement_timeout_ms: int = Field(
         default=30_000,
@@ -111,6 +115,13 @@ class Settings(BaseSettings):
         if not self.database_url:
             self.database_url = f"sqlite:///{self.data_dir / 'prefero.db'}"
         return self
+
+    @property
+    def request_threads(self) -> int:
+        """Threads per app process for request work, and connections its pool keeps: the
+        same number (``db_pool_size``, at least 4), so a thread never waits for a connection
+        and none is opened and closed per request (the pool's overflow)."""
+        return max(MIN_REQUEST_THREADS, self.db_pool_size)
 
     @property
     def is_sqlite(self) -> bool:

@@ -110,7 +110,7 @@ def engine_from_settings(settings: Settings) -> Engine:
         settings.ensure_data_dir()
     return make_engine(
         settings.database_url,
-        pool_size=settings.db_pool_size,
+        pool_size=settings.request_threads,
         statement_timeout_ms=settings.db_statement_timeout_ms,
     )
 

@@ -64,7 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Database work runs in worker threads: as many as the pool keeps connections, so a
         # thread never waits for one, no connection is opened and closed per request (the
         # pool's overflow), and fewer threads contend for the GIL.
-        to_thread.current_default_thread_limiter().total_tokens = max(4, settings.db_pool_size)
+        to_thread.current_default_thread_limiter().total_tokens = settings.request_threads
         _freeze_startup_heap()
         yield
         engine.dispose()

@@ -584,6 +584,13 @@ class CpuMeter:
                 group = "server"
             elif name == "postgres" or cmd.startswith("postgres"):
                 group = "pg_bench" if self.db_name in cmd else "pg_other"
+                if " -D " in f" {cmd} ":  # the postmaster: its exited children's CPU
+                    # A backend that exits within the window (a connection the pool closed,
+                    # an autovacuum worker) is gone at the end: its CPU is counted here, by
+                    # the postmaster's children times, as the bench database's (the only
+                    # one in use during the window).
+                    children = getattr(ct, "children_user", 0) + getattr(ct, "children_system", 0)
+                    out[-p.pid] = ("pg_bench", "postgres (exited backends)", children)
             else:
                 group = "others"
             out[p.pid] = (group, name, ct.user + ct.system)

@@ -8,9 +8,19 @@ import threading
 import time
 
 import pytest
+from anyio import to_thread
+from fastapi.testclient import TestClient
 from sqlalchemy import event, func, insert, select, text
 
-from app.db import in_autocommit, make_engine, make_session_factory, make_statement_session_factory
+from app.config import Settings
+from app.db import (
+    engine_from_settings,
+    in_autocommit,
+    make_engine,
+    make_session_factory,
+    make_statement_session_factory,
+)
+from app.main import create_app
 from app.models import Completion, Project, Prompt
 from app.services.imports import import_prompts
 from app.services.transactions import write_transaction
@@ -144,3 +154,28 @@ def test_statement_sessions_commit_each_statement_until_a_write_transaction(comm
     with make_session_factory(committed_engine)() as s:
         kept = s.scalars(select(Project.slug).order_by(Project.slug)).all()
     assert kept == (["a", "c"] if postgres else [])
+
+
+@pytest.mark.parametrize(("pool_size", "threads"), [(2, 4), (5, 5), (12, 12)])
+def test_the_pool_keeps_a_connection_for_every_request_thread(pool_size, threads, tmp_path):
+    """Threads and kept connections are one number (at least 4): with more threads than kept
+    connections, the pool's overflow connections were opened and closed on every burst (a
+    PostgreSQL backend forked each time: 2.9 instead of 1.2 ms of PostgreSQL CPU per labeled
+    task at pool size 3)."""
+    settings = Settings(
+        data_dir=tmp_path,
+        database_url="postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
+        secret_key="x",
+        db_pool_size=pool_size,
+    )
+    assert settings.request_threads == threads
+    engine = engine_from_settings(settings)
+    try:
+        assert engine.pool.size() == threads
+    finally:
+        engine.dispose()
+    app = create_app(settings)
+    with TestClient(app) as client:
+        limiter = client.portal.call(to_thread.current_default_thread_limiter)
+        assert limiter.total_tokens == threads
+    app.state.engine.dispose()
