@@ -60,6 +60,14 @@ class Settings(BaseSettings):
         description="Live leases one user may hold at once, across projects; asking for a new "
         "task beyond that gets 429.",
     )
+    token_cache_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="Seconds an app process may rely on its last check of an API token, "
+        "saving a database round trip per request: a token revoked or an account deactivated "
+        "through another process is refused within this time (at once by the process that "
+        "did it). 0 checks every request against the database.",
+    )
     log_format: Literal["auto", "json", "text"] = Field(
         default="auto",
         description="Log lines of `prefero serve`: json (one object per line), text, or auto "

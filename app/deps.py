@@ -19,7 +19,7 @@ from app.errors import Forbidden, Unauthenticated
 from app.models import Role, User
 from app.observability import set_user_id
 from app.services.auth_sessions import WebLogin, authenticate_session
-from app.services.users import authenticate_token
+from app.services.users import TokenCache, authenticate_token
 
 T = TypeVar("T")
 WEB_SESSION_COOKIE = "prefero_session"
@@ -79,8 +79,9 @@ async def current_user(
     """The caller: by bearer token, else by session cookie (with a CSRF check on writes)."""
     if credentials is not None:
         secret = credentials.credentials
+        cache = request.app.state.token_cache
         user = await run_in_threadpool(
-            _released, session, lambda: authenticate_token(session, secret=secret)
+            _released, session, lambda: authenticate_token(session, secret=secret, cache=cache)
         )
         set_user_id(user.id)
         return user
@@ -106,10 +107,11 @@ class Caller:
     cookie: str | None
     unsafe_method: bool
     csrf_header: str
+    token_cache: TokenCache | None = None
 
     def user(self, session: Session) -> User:
         if self.bearer is not None:
-            user = authenticate_token(session, secret=self.bearer)
+            user = authenticate_token(session, secret=self.bearer, cache=self.token_cache)
             set_user_id(user.id)
             return user
         if self.cookie:
@@ -141,6 +143,7 @@ async def caller(request: Request) -> Caller:
         cookie=cookie,
         unsafe_method=request.method not in SAFE_METHODS,
         csrf_header=headers.get(CSRF_HEADER, ""),
+        token_cache=request.app.state.token_cache,
     )
 
 

@@ -42,6 +42,7 @@ from app.routes import (
     pages_docs,
     pages_label,
 )
+from app.services.users import TokenCache
 from app.web import STATIC_DIR, SecurityHeaders
 
 log = logging.getLogger("prefero")
@@ -84,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.session_factory = make_session_factory(engine)
     # the labeling routes' sessions: statement by statement on PostgreSQL (app.deps.request_session)
     app.state.open_session = make_statement_session_factory(engine)
+    app.state.token_cache = TokenCache(settings.token_cache_seconds)
 
     # Routes are matched in order: the labeling API, most of the traffic, first.
     api_modules = (

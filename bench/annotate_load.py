@@ -27,7 +27,12 @@ first ``--warmup`` seconds (3) are not counted: the figures cover calls *started
 following ``--duration`` seconds (20), and submissions/s = 201 answers to those submits /
 duration. Latency is the client's wall time per call (``perf_counter_ns`` from writing the
 request to having read the whole answer). ``--ramp S`` spreads the annotators' first requests
-(and so their connections) evenly over S seconds (default 0: all at once).
+(and so their connections) evenly over S seconds of the warm-up (default 2: 100 new
+annotators a second at N = 200). Not all at once: the server's workers accept from one shared
+socket and a keep-alive connection stays with the worker that accepted it, so 200 connections
+opened in the same millisecond may all but go to one worker (185 against 15 was seen), which
+then serves them on one core for the whole run; annotators who start within a couple of
+seconds of each other are spread evenly (the busier worker accepts less).
 
 The default client is a minimal HTTP/1.1 client on asyncio streams (uvloop when installed):
 the client shares the 2 CPUs with the server and PostgreSQL, and httpx costs about ten times
@@ -1064,7 +1069,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=350.0, help="offered submissions/s, paced levels")
     ap.add_argument("--paced", default="200", help="levels run at --rate with think time (200)")
     ap.add_argument(
-        "--ramp", type=float, default=0.0, help="spread the annotators' first requests (0 s)"
+        "--ramp",
+        type=float,
+        default=2.0,
+        help="spread the annotators' first requests over this time (2 s; at most --warmup)",
     )
     ap.add_argument("--prompts", type=int, default=10_000, help="prompts seeded (10000)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per level (median reported)")
@@ -1091,6 +1099,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--profile needs py-spy (pip install py-spy)")
     if not levels or min(levels) < 1 or args.repeat < 1 or args.duration <= 0 or args.warmup < 0:
         ap.error("--levels >= 1, --repeat >= 1, --duration > 0, --warmup >= 0")
+    if not 0 <= args.ramp <= args.warmup:
+        ap.error("--ramp must be between 0 and --warmup (the window starts after the ramp)")
 
     started = datetime.now(UTC)
     load = os.getloadavg()

@@ -39,6 +39,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     and_,
     bindparam,
     case,
@@ -325,7 +326,7 @@ _COUNT_ANNOTATION = (
     .where(_P.c.id == bindparam("pid"), _P.c.annotation_count < bindparam("overlap"))
     .values(annotation_count=_P.c.annotation_count + 1, open_leases=_P.c.open_leases - 1)
 )
-_LEASE_TO_SUBMIT = (
+_LOCK_LEASE = (
     select(
         _L.c.id,
         _L.c.user_id,
@@ -343,8 +344,8 @@ _LEASE_TO_SUBMIT = (
     )
     .join(_PR, _PR.c.id == _L.c.project_id)
     .where(_L.c.id == bindparam("lease_id"))
+    .with_for_update(of=_L)
 )
-_LOCK_LEASE = _LEASE_TO_SUBMIT.with_for_update(of=_L)
 _CLOSE_LEASE = (
     update(_L)
     .where(_L.c.id == bindparam("lid"))
@@ -364,6 +365,14 @@ def _prefixed(values: dict[str, Any]) -> dict[str, Any]:
     return {f"v_{k}": v for k, v in values.items()}
 
 
+def _jsonb(name: str) -> Any:
+    return bindparam(name, type_=postgresql.JSONB)
+
+
+def _flag(name: str) -> Any:
+    return bindparam(name, type_=Boolean)
+
+
 # PostgreSQL: the writes of a new lease, and of a submit, as one statement each (data-modifying
 # CTEs that feed each other through RETURNING): one round trip instead of two or three, so the
 # prompt's row lock is held for one statement and the commit. SQLite runs them one by one.
@@ -373,19 +382,32 @@ _LEASE_COLUMNS = (
 )  # fmt: skip
 
 
-def _pick_and_lease(candidate: Any) -> Any:
+def _pick_and_lease(candidate: Any, project: Any = None) -> Any:
     """PostgreSQL: ``candidate`` (a locking, SKIP LOCKED select of one prompt's id and
     messages) and everything a new lease writes, as one statement: the prompt locked, its first
     ``k`` completions (by id) put in a random order, its slot taken, the lease inserted; back
-    comes one row (prompt id, messages, lease id, display order, the shown completions as JSON
-    pairs [id, text]), or none when there is no candidate. It needs no transaction around it
-    (one round trip, and the prompt's row lock lasts for that one statement)."""
+    comes one row (prompt id, messages, lease id, display order, expiry, the shown completions
+    as JSON pairs [id, text]), or none when there is no candidate. It needs no transaction
+    around it (one round trip, and the prompt's row lock lasts for that one statement). The
+    project's id, ``k`` and lease time are parameters, or come from ``project`` (a CTE of one
+    row with ``id``, ``k`` and ``lease_seconds``)."""
+    if project is None:
+        project_id, k = _typed(_L, ("project_id",))[0], bindparam("k")
+        expires_at = _typed(_L, ("expires_at",))[0]
+    else:
+        project_id = select(project.c.id).scalar_subquery()
+        k = select(project.c.k).scalar_subquery()
+        seconds = select(project.c.lease_seconds).scalar_subquery()
+        # make_interval(years, months, weeks, days, hours, mins, secs)
+        expires_at = bindparam("v_created_at", type_=_L.c.created_at.type) + func.make_interval(
+            0, 0, 0, 0, 0, 0, seconds
+        )
     picked = candidate.cte("picked")
     shown = (
         select(_C.c.id, _C.c.text)
         .where(_C.c.prompt_id == select(picked.c.id).scalar_subquery())
         .order_by(_C.c.id)
-        .limit(bindparam("k"))
+        .limit(k)
         .cte("shown")
     )
     slot = (
@@ -403,14 +425,16 @@ def _pick_and_lease(candidate: Any) -> Any:
         .from_select(
             _LEASE_COLUMNS,
             select(
-                *_typed(_L, ("project_id",)),
+                project_id,
                 slot.c.id,
                 *_typed(_L, ("user_id", "status")),
                 display_order,
-                *_typed(_L, ("created_at", "expires_at", "closed_at")),
+                *_typed(_L, ("created_at",)),
+                expires_at,
+                *_typed(_L, ("closed_at",)),
             ),
         )
-        .returning(_L.c.id, _L.c.display_order)
+        .returning(_L.c.id, _L.c.display_order, _L.c.expires_at)
         .cte("lease")
     )
     shown_json = select(
@@ -421,6 +445,7 @@ def _pick_and_lease(candidate: Any) -> Any:
         picked.c.messages,
         lease.c.id.label("lease_id"),
         lease.c.display_order,
+        lease.c.expires_at,
         shown_json.label("shown"),
     ).select_from(picked.join(lease, literal(True)))
 
@@ -430,49 +455,154 @@ _PICK_AND_LEASE = {
     "fresh": _pick_and_lease(_FRESH),
     "anywhere": _pick_and_lease(_ANYWHERE),
 }
-_ANNOTATION_COLUMNS = tuple(c.name for c in _A.c if c.name != "id")
-# The count moves only while the prompt is below its overlap; the annotation and the lease's
-# new status are written only when it did (no row back: nothing written, see submit()).
-# Run on its own (no transaction around it, see submit()), the statement first locks the lease
-# and checks that it is still this user's, open and live: a concurrent retry, skip or reclaim
-# of the same lease has either finished (the re-check fails) or waits for this one.
-_still_open = (
-    select(_L.c.id)
-    .where(
-        _L.c.id == bindparam("v_lease_id"),
-        _L.c.user_id == bindparam("v_user_id"),
-        _L.c.status == LeaseStatus.open,
-        _L.c.expires_at > bindparam("v_created_at"),
+
+
+def _next_in_one_statement_query() -> Any:
+    """PostgreSQL: the common case of :func:`next_task` as one statement — the project (by
+    slug) when this user may label it, holds no open lease in it (outside ``exclude``) and is
+    below ``max_open`` live leases; the head of its queue, most annotated first and in random
+    order among equals (see :func:`_spread`), walked in that order; and a new lease on the
+    first prompt there that is new to the user and not locked by another request
+    (:func:`_pick_and_lease`). No row: one of those did not hold (an unknown project, a
+    non-member, a lease to resume, too many leases, nothing for this user in the head): the
+    caller then takes the way of several statements, which tells them apart."""
+    is_member = exists(
+        select(literal(1)).where(
+            ProjectMember.__table__.c.project_id == _PR.c.id,
+            ProjectMember.__table__.c.user_id == bindparam("user_id"),
+        )
     )
-    .with_for_update(of=_L)
-    .cte("still_open")
-)
+    live = select(func.count()).where(*_USER_LIVE).scalar_subquery()
+    project = (
+        select(
+            _PR.c.id,
+            _PR.c.overlap,
+            _PR.c.completions_per_task.label("k"),
+            _PR.c.lease_seconds,
+        )
+        .where(
+            _PR.c.slug == bindparam("slug"),
+            or_(~_PR.c.members_only, _flag("is_admin"), is_member),
+            _RESUME.is_(None),
+            live < bindparam("max_open"),
+        )
+        .cte("task_project")
+    )
+    # As parameters of the plan (InitPlans): the queue index then serves the head in order.
+    project_id = select(project.c.id).scalar_subquery()
+    overlap = select(project.c.overlap).scalar_subquery()
+    head = (
+        select(_P.c.id, _P.c.annotation_count)
+        .where(
+            _P.c.project_id == project_id,
+            _P.c.annotation_count < overlap,
+            _P.c.annotation_count + _P.c.open_leases < overlap,
+        )
+        .order_by(*_PRIORITY)
+        .limit(_n(QUEUE_HEAD_WINDOW))
+        .subquery("head")
+    )
+    # A sorted subquery is not merged into the join: its order drives the nested loop, whose
+    # primary-key lookups run only until the first prompt that passes and is not locked.
+    spread = (
+        select(head.c.id).order_by(head.c.annotation_count.desc(), func.random()).subquery("spread")
+    )
+    candidate = (
+        select(_P.c.id, _P.c.messages)
+        .select_from(spread.join(_P, _P.c.id == spread.c.id))
+        .where(_P.c.annotation_count + _P.c.open_leases < overlap, *_NEW_TO_USER)
+        .limit(_n(1))
+        .with_for_update(of=_P, key_share=True, skip_locked=True)
+    )
+    return _pick_and_lease(candidate, project)
+
+
+_NEXT_IN_ONE_STATEMENT = _next_in_one_statement_query()
+_ANNOTATION_COLUMNS = tuple(c.name for c in _A.c if c.name != "id")
+# The transactional way of a submit (the lease locked and checked first), on PostgreSQL: the
+# count moves only while the prompt is below its overlap; the annotation and the lease's new
+# status are written only when it did (no row back: nothing written, see submit()).
 _counted = (
     update(_P)
     .where(
         _P.c.id == bindparam("v_prompt_id"),
         _P.c.annotation_count < bindparam("v_overlap"),
-        exists(select(_still_open.c.id)),
     )
     .values(annotation_count=_P.c.annotation_count + 1, open_leases=_P.c.open_leases - 1)
     .returning(_P.c.id)
     .cte("counted")
 )
-_new_annotation = (
-    insert(_A)
-    .from_select(
-        _ANNOTATION_COLUMNS, select(*_typed(_A, _ANNOTATION_COLUMNS)).select_from(_counted)
+
+
+def _insert_and_close(counted: Any, values: Any) -> Any:
+    """The end of a one-statement submit: the annotation inserted from ``values`` (a select of
+    its columns, ``_ANNOTATION_COLUMNS``) and the lease marked submitted, both only when
+    ``counted`` (the CTE that moved the prompt's count) returned its row. Back: the new
+    annotation's id, or no row."""
+    annotation = (
+        insert(_A).from_select(_ANNOTATION_COLUMNS, values).returning(_A.c.id).cte("new_annotation")
     )
-    .returning(_A.c.id)
-    .cte("new_annotation")
+    submitted = (
+        update(_L)
+        .where(_L.c.id == bindparam("v_lease_id"), exists(select(counted.c.id)))
+        .values(status=LeaseStatus.submitted, closed_at=bindparam("v_created_at"))
+        .cte("lease_submitted")
+    )
+    return select(annotation.c.id).add_cte(submitted)
+
+
+_RECORD_SUBMIT = _insert_and_close(
+    _counted, select(*_typed(_A, _ANNOTATION_COLUMNS)).select_from(_counted)
 )
-_lease_submitted = (
-    update(_L)
-    .where(_L.c.id == bindparam("v_lease_id"), exists(select(_counted.c.id)))
-    .values(status=LeaseStatus.submitted, closed_at=bindparam("v_created_at"))
-    .cte("lease_submitted")
-)
-_RECORD_SUBMIT = select(_new_annotation.c.id).add_cte(_lease_submitted)
+
+
+def _validated_submit() -> Any:
+    """PostgreSQL: a submit as one statement that needs nothing read before it. It locks the
+    lease, and writes only if the lease is this user's, open and live **and** the annotation
+    fits it: the ranking's ids are exactly the lease's shown ids (``v_shown``, distinct: the
+    caller checked), and the project allows what the annotation uses (a tie, Likert scores,
+    these flags, no rationale). Everything else about the annotation does not depend on the
+    lease and the caller checked it first (:func:`_submit_in_one_statement`). The
+    annotation's project, prompt and display order come from the locked lease; the count moves
+    only while the prompt is below its project's overlap. Back: the annotation's id, or no row
+    (nothing written: the caller takes the transactional way, which names the problem)."""
+    display_order = _L.c.display_order
+    lease = (
+        select(_L.c.project_id, _L.c.prompt_id, display_order, _PR.c.overlap)
+        .join(_PR, _PR.c.id == _L.c.project_id)
+        .where(
+            _L.c.id == bindparam("v_lease_id"),
+            _L.c.user_id == bindparam("v_user_id"),
+            _L.c.status == LeaseStatus.open,
+            _L.c.expires_at > bindparam("v_created_at"),
+            # the same set of ids (v_shown has no duplicates)
+            display_order.op("@>")(_jsonb("v_shown")),
+            func.jsonb_array_length(display_order) == bindparam("v_shown_count"),
+            or_(_PR.c.allow_ties, ~_flag("v_tied")),
+            or_(_PR.c.likert, ~_flag("v_scored")),
+            func.coalesce(_PR.c.flags, literal_column("'[]'::jsonb")).op("@>")(
+                _jsonb("v_flag_names")
+            ),
+            or_(~_PR.c.require_rationale, _flag("v_explained")),
+        )
+        .with_for_update(of=_L)
+        .cte("valid_lease")
+    )
+    counted = (
+        update(_P)
+        .where(_P.c.id == lease.c.prompt_id, _P.c.annotation_count < lease.c.overlap)
+        .values(annotation_count=_P.c.annotation_count + 1, open_leases=_P.c.open_leases - 1)
+        .returning(_P.c.id)
+        .cte("counted")
+    )
+    from_lease = {"project_id", "prompt_id", "display_order"}
+    values = select(
+        *(lease.c[n] if n in from_lease else _typed(_A, (n,))[0] for n in _ANNOTATION_COLUMNS)
+    ).select_from(lease.join(counted, literal(True)))
+    return _insert_and_close(counted, values)
+
+
+_VALIDATED_SUBMIT = _validated_submit()
 
 
 def _candidates(project: Any, user_id: int):
@@ -504,6 +634,14 @@ def next_task(
     :class:`TooManyRequests` instead of a new one."""
     conn = session.connection()
     now = utcnow()
+    exclude = list(exclude)[:MAX_EXCLUDE]
+    if conn.dialect.name == "postgresql" and time.monotonic() - _last_reclaim < RECLAIM_INTERVAL:
+        task = _next_in_one_statement(
+            session, slug=slug, user=user, exclude=exclude, max_open_leases=max_open_leases, now=now
+        )
+        if task is not None:
+            return task
+        conn = session.connection()
     # One round trip for the project and the user's open lease in it (the common cases are
     # "no open lease" under load and "resume" on a page reload), and on PostgreSQL the head of
     # the queue.
@@ -513,7 +651,7 @@ def next_task(
             "slug": slug,
             "user_id": user.id,
             "now": now,
-            "exclude": list(exclude)[:MAX_EXCLUDE],
+            "exclude": exclude,
         },
     ).first()
     if project is None:
@@ -540,6 +678,40 @@ def next_task(
             session.rollback()
             head = None  # read the queue again
     raise Conflict("could not assign a task, retry")
+
+
+def _next_in_one_statement(
+    session: Session,
+    *,
+    slug: str,
+    user: User,
+    exclude: list[int],
+    max_open_leases: int | None,
+    now: datetime,
+) -> Task | None:
+    """PostgreSQL, the common case of :func:`next_task` (a new lease from the head of the
+    queue) in one round trip (:data:`_NEXT_IN_ONE_STATEMENT`); None: nothing written, take the
+    way of several statements."""
+    params = {
+        "slug": slug,
+        "user_id": user.id,
+        "is_admin": user.role == Role.admin,
+        "now": now,
+        "exclude": exclude,
+        "max_open": max_open_leases if max_open_leases is not None else 2**31 - 1,
+        **_prefixed(_lease_values(None, None, user.id, now)),
+    }
+    try:
+        row = session.connection().execute(_NEXT_IN_ONE_STATEMENT, params).first()
+    except IntegrityError:  # this user's concurrent request leased that prompt first
+        session.rollback()
+        return None
+    session.commit()  # sends nothing in autocommit mode
+    if row is None:
+        return None
+    texts = dict(row.shown)
+    shown = [(cid, texts[cid]) for cid in row.display_order]
+    return _new_task(row.lease_id, row.expires_at, row.id, row.messages, shown)
 
 
 def _too_many_leases(session: Session, *, user_id: int, now: datetime, held: int) -> None:
@@ -628,14 +800,18 @@ def _new_lease_in_one_statement(
 
 
 def _lease_values(project: Any, prompt_id: int | None, user_id: int, now: datetime) -> dict:
+    """A new lease's columns; without ``project`` (None), the statement supplies its id and
+    expiry."""
     return {
-        "project_id": project.id,
+        "project_id": project.id if project is not None else None,
         "prompt_id": prompt_id,
         "user_id": user_id,
         "status": LeaseStatus.open,
         "display_order": None,
         "created_at": now,
-        "expires_at": now + timedelta(seconds=project.lease_seconds),
+        "expires_at": (
+            now + timedelta(seconds=project.lease_seconds) if project is not None else None
+        ),
         "closed_at": None,
     }
 
@@ -763,11 +939,9 @@ def reclaim_expired(session: Session, *, now: datetime | None = None) -> int:
 # --------------------------------------------------------------------------- lease actions
 
 
-def _locked_lease(session: Session, *, lease_id: int, user: User, lock: bool = True) -> Any:
-    """The lease row with its project's settings, locked (unless not ``lock``); 404 or 403
-    (after a rollback)."""
-    query = _LOCK_LEASE if lock else _LEASE_TO_SUBMIT
-    lease = session.connection().execute(query, {"lease_id": lease_id}).first()
+def _locked_lease(session: Session, *, lease_id: int, user: User) -> Any:
+    """The lease row with its project's settings, locked; 404 or 403 (after a rollback)."""
+    lease = session.connection().execute(_LOCK_LEASE, {"lease_id": lease_id}).first()
     if lease is None:
         session.rollback()
         raise NotFound(f"lease {lease_id} not found")
@@ -822,11 +996,11 @@ def submit(session: Session, *, lease_id: int, user: User, data: SubmitAnnotatio
     """Record the annotation of an open lease. A retry of an already-recorded submit with the
     same content returns the first annotation (``replayed``); different content is a 409.
 
-    On PostgreSQL the common case (an open, live lease and a valid annotation) takes two
-    statements and no transaction around them: the lease read, then one statement that
-    re-checks it under a row lock and writes everything (:data:`_RECORD_SUBMIT`). Everything
-    else (a retry, an expired lease, a race with a reclaim) goes the transactional way below,
-    which also serves SQLite."""
+    On PostgreSQL the common case (an open, live lease and a valid annotation) is one
+    statement with no transaction around it, which checks the lease and the annotation under
+    the lease's row lock and writes everything (:func:`_submit_in_one_statement`). Everything
+    else (an invalid annotation, a retry, an expired lease, a race with a reclaim) goes the
+    transactional way below, which names the problem and also serves SQLite."""
     if session.get_bind().dialect.name == "postgresql":
         recorded = _submit_in_one_statement(session, lease_id=lease_id, user=user, data=data)
         if recorded is not None:
@@ -887,24 +1061,55 @@ def _submitted_values(lease: Any, user: User, now: datetime, data: SubmitAnnotat
     }
 
 
+@dataclass(frozen=True, slots=True)
+class _UnreadLease:
+    """A lease known by id only: :data:`_VALIDATED_SUBMIT` takes the rest from the row."""
+
+    id: int
+    project_id: None = None
+    prompt_id: None = None
+    display_order: tuple = ()
+    overlap: None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _AnySettings:
+    """Project settings that allow everything an annotation can use: what
+    :func:`_submit_in_one_statement` checks first, leaving the project's own to the statement."""
+
+    flags: Sequence[str]
+    allow_ties: bool = True
+    likert: bool = True
+    require_rationale: bool = False
+
+
 def _submit_in_one_statement(
     session: Session, *, lease_id: int, user: User, data: SubmitAnnotation
 ) -> Recorded | None:
-    """PostgreSQL's common case of :func:`submit`; None: take the transactional way (the
-    lease was not open and live when read, or stopped being so before the write)."""
-    now = utcnow()
-    lease = _locked_lease(session, lease_id=lease_id, user=user, lock=False)
-    if lease.status != LeaseStatus.open or lease.expires_at <= now:
-        session.rollback()
+    """PostgreSQL's common case of :func:`submit` in one statement (:data:`_VALIDATED_SUBMIT`),
+    with no read before it and no transaction around it. The annotation is checked twice: here
+    as if the lease had shown exactly the ranked ids and the project allowed everything, then
+    in the statement against the locked lease and its project. None (nothing written): a
+    problem either way, or a lease not this user's, not open or not live; the transactional
+    way then answers with the problem itself (or the replay of a retry)."""
+    shown = [cid for group in data.ranking for cid in group]
+    flag_names = sorted({f for flags in data.flags.values() for f in flags})
+    if validate_submission(data, shown=shown, project=_AnySettings(flags=flag_names)):
         return None
-    errors = validate_submission(data, shown=lease.display_order, project=lease)
-    if errors:
-        session.rollback()
-        raise InvalidInput("annotation rejected; nothing was written", errors=errors)
-    values = _submitted_values(lease, user, now, data)
-    annotation_id = session.connection().execute(_RECORD_SUBMIT, _prefixed(values)).scalar()
+    now = utcnow()
+    values = _submitted_values(_UnreadLease(lease_id), user, now, data)
+    params = {
+        **_prefixed(values),
+        "v_shown": shown,
+        "v_shown_count": len(shown),
+        "v_tied": any(len(group) > 1 for group in data.ranking) and not data.both_bad,
+        "v_scored": bool(data.likert),
+        "v_flag_names": flag_names,
+        "v_explained": bool(data.rationale.strip()),
+    }
+    annotation_id = session.connection().execute(_VALIDATED_SUBMIT, params).scalar()
     session.commit()  # sends nothing in autocommit mode
-    return None if annotation_id is None else Recorded(annotation_id, lease.id)
+    return None if annotation_id is None else Recorded(annotation_id, lease_id)
 
 
 def _same_submission(earlier: Annotation, data: SubmitAnnotation) -> bool:

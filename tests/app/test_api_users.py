@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from sqlalchemy import event
+
 from app.models import ApiToken, Role, User, utcnow
 from app.security import verify_password
+from app.services import users
 from tests.factories import auth, count, make_admin_headers, make_token, make_user
 
 
@@ -91,6 +94,7 @@ def test_last_used_is_refreshed_at_most_once_a_minute(client, session):
     assert token.last_used_at == first
     token.last_used_at = utcnow() - timedelta(minutes=5)
     session.commit()
+    users.forget_checked_tokens()  # edited behind the app's back: its token cache cannot know
     client.get("/api/v1/projects", headers=auth(secret))
     session.refresh(token)
     assert token.last_used_at > first - timedelta(seconds=1)
@@ -148,3 +152,26 @@ def test_patch_refuses_bad_input_unknown_users_and_self_deactivation(client, ses
     assert "your own account" in r.json()["detail"]
     session.expire_all()
     assert session.get(User, admin.id).active is True
+
+
+def test_a_token_is_read_once_within_the_cache_time(client, session, settings):
+    assert settings.token_cache_seconds == 5
+    headers = make_admin_headers(session)
+    reads: list[str] = []
+
+    def token_reads(_conn, _cursor, statement, *_):
+        if "FROM api_token" in statement:
+            reads.append(statement)
+
+    engine = session.get_bind().engine
+    event.listen(engine, "before_cursor_execute", token_reads)
+    try:
+        for _ in range(3):
+            assert client.get("/api/v1/projects", headers=headers).status_code == 200
+        assert len(reads) == 1
+        client.app.state.token_cache = users.TokenCache(0)  # PREFERO_TOKEN_CACHE_SECONDS=0
+        for _ in range(3):
+            assert client.get("/api/v1/projects", headers=headers).status_code == 200
+        assert len(reads) == 4
+    finally:
+        event.remove(engine, "before_cursor_execute", token_reads)

@@ -15,11 +15,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from app.errors import PayloadTooLarge, RecordError
+from app.errors import InvalidInput, PayloadTooLarge, RecordError
 from app.importer import PromptIn, open_source, parse_records
 from app.models import DEFAULT_FLAGS, Annotation
 from app.ranking import count_strict_pairs, expand_pairs, positions, split_of
@@ -229,6 +229,80 @@ def test_invalid_submissions_over_http_are_422_and_write_nothing(open_lease, dat
     assert r.status_code == 422, (mutation, raw, r.status_code, r.text[:300])
     assert r.json()["errors"]
     assert count(session, Annotation) == before
+
+
+@settings(DB, max_examples=100)
+@given(
+    data=st.data(),
+    mutation=st.none() | Mutation,
+    allow_ties=st.booleans(),
+    likert=st.booleans(),
+    rationale=st.booleans(),
+    flags=st.lists(st.sampled_from(FLAGS), unique=True),
+)
+def test_a_submit_writes_exactly_what_the_full_validation_accepts(
+    session, backend, monkeypatch, data, mutation, allow_ties, likert, rationale, flags
+):
+    """On PostgreSQL a submit is one statement that checks the annotation against the locked
+    lease in SQL (tasks._submit_in_one_statement); whatever it refuses goes the transactional
+    way. Whatever the submission and the project's settings: it is recorded exactly when
+    validate_submission, given the lease and the project, finds nothing wrong (on PostgreSQL by
+    that one statement), and otherwise it is a 422 naming the same problems with nothing
+    written."""
+    proj = make_project(
+        session, allow_ties=allow_ties, likert=likert, require_rationale=rationale, flags=flags
+    )
+    make_prompt(session, proj, k=data.draw(st.sampled_from([2, 4])))
+    proj.completions_per_task = 4
+    session.commit()
+    user = make_user(session)
+    task = tasks.next_task(session, slug=proj.slug, user=user)
+    shown = [c.id for c in task.completions]
+    if mutation is None:
+        raw: dict[str, Any] = {"ranking": data.draw(partitions(shown))}
+        raw["likert"] = data.draw(
+            st.dictionaries(st.sampled_from(shown).map(str), st.integers(1, 7))
+        )
+        raw["flags"] = data.draw(
+            st.dictionaries(
+                st.sampled_from(shown).map(str),
+                st.lists(st.sampled_from(FLAGS), unique=True, max_size=2),
+            )
+        )
+        raw["rationale"] = data.draw(st.sampled_from(["", "because"]))
+        if len(shown) == 2:
+            raw["both_bad"] = len(raw["ranking"]) == 1 and data.draw(st.booleans())
+    else:
+        raw, _ = data.draw(invalid_submissions(shown, mutation))
+    try:
+        submitted = SubmitAnnotation.model_validate_json(json.dumps(raw))
+    except ValidationError:
+        assume(False)
+    expected = validate_submission(submitted, shown=shown, project=proj)
+    one_statement: list[Any] = []
+    fast = tasks._submit_in_one_statement
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        one_statement.append(fast(*args, **kwargs))
+        return one_statement[-1]
+
+    monkeypatch.setattr(tasks, "_submit_in_one_statement", spy)
+    before = count(session, Annotation)
+    event("refused" if expected else "recorded")
+    if expected:
+        with pytest.raises(InvalidInput) as refused:
+            tasks.submit(session, lease_id=task.lease_id, user=user, data=submitted)
+        assert refused.value.errors == expected
+        assert count(session, Annotation) == before
+        assert one_statement in ([], [None])  # the one statement wrote nothing
+        return
+    result = tasks.submit(session, lease_id=task.lease_id, user=user, data=submitted)
+    annotation = session.get(Annotation, result.annotation_id)
+    assert annotation.ranking == submitted.model_dump()["ranking"]
+    assert annotation.display_order == shown
+    if backend == "postgresql":  # recorded by the one statement
+        assert one_statement
+        assert one_statement[0] is not None
 
 
 # --------------------------------------------------------------------------- pairs

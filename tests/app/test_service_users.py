@@ -99,3 +99,97 @@ def test_user_summaries_count_live_tokens_and_sessions(session):
     assert user.id == busy.id
     assert [t.name for t in tokens] == ["test", "test", "old"]
     assert idle.id != busy.id
+
+
+# --------------------------------------------------------------------------- token cache
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def revoke_behind_its_back(session, user) -> None:
+    """Revoke the user's tokens in the database only (another process would)."""
+    for token in session.query(ApiToken).filter_by(user_id=user.id):
+        token.revoked_at = utcnow()
+    session.commit()
+
+
+def test_a_checked_token_is_trusted_for_the_cache_time_then_read_again(session):
+    user = make_user(session)
+    secret = make_token(session, user)
+    clock = Clock()
+    cache = users.TokenCache(5, timer=clock)
+    assert users.authenticate_token(session, secret=secret, cache=cache).id == user.id
+    assert len(cache) == 1
+    revoke_behind_its_back(session, user)
+    clock.now = 4.9  # not read again: a revocation by another process is not seen yet
+    got = users.authenticate_token(session, secret=secret, cache=cache)
+    assert (got.id, got.username, got.role, got.active) == (user.id, user.username, user.role, True)
+    clock.now = 5.1
+    with pytest.raises(Unauthenticated, match="revoked"):
+        users.authenticate_token(session, secret=secret, cache=cache)
+    assert cache.get(hash_token(secret)) is None  # refusals are never cached
+
+
+def test_revoking_or_deactivating_in_this_process_is_refused_at_once(session):
+    user = make_user(session, username="cached")
+    secret = make_token(session, user)
+    cache = users.TokenCache(3600)
+    assert users.authenticate_token(session, secret=secret, cache=cache).id == user.id
+    users.set_user_active(session, username="cached", active=False)
+    with pytest.raises(Unauthenticated, match="deactivated"):
+        users.authenticate_token(session, secret=secret, cache=cache)
+    users.set_user_active(session, username="cached", active=True)
+    assert users.authenticate_token(session, secret=secret, cache=cache).id == user.id
+    token = session.query(ApiToken).filter_by(user_id=user.id).one()
+    users.revoke_token(session, token_id=token.id)
+    with pytest.raises(Unauthenticated, match="revoked"):
+        users.authenticate_token(session, secret=secret, cache=cache)
+
+
+def test_a_check_read_before_a_revocation_is_not_kept_after_it(session):
+    user = make_user(session)
+    secret = make_token(session, user)
+    cache = users.TokenCache(3600)
+    read_in = cache.generation  # a request reads the token (still valid) ...
+    checked = users.authenticate_token(session, secret=secret)
+    row = users.CheckedToken(
+        1, None, checked.id, checked.username, checked.role, True, checked.created_at
+    )
+    users.forget_checked_tokens()  # ... a revocation commits and clears the caches ...
+    cache.put(hash_token(secret), row, read_in=read_in)  # ... then the request would keep it
+    assert len(cache) == 0
+    assert cache.get(hash_token(secret)) is None
+
+
+def test_no_cache_when_its_time_is_zero(session):
+    user = make_user(session)
+    secret = make_token(session, user)
+    cache = users.TokenCache(0)
+    assert users.authenticate_token(session, secret=secret, cache=cache).id == user.id
+    assert len(cache) == 0
+    revoke_behind_its_back(session, user)
+    with pytest.raises(Unauthenticated, match="revoked"):
+        users.authenticate_token(session, secret=secret, cache=cache)
+
+
+def test_a_cached_token_still_records_its_use_once_a_minute(session, monkeypatch):
+    user = make_user(session)
+    secret = make_token(session, user)
+    cache = users.TokenCache(3600)
+    users.authenticate_token(session, secret=secret, cache=cache)
+    token = session.query(ApiToken).filter_by(user_id=user.id).one()
+    first = token.last_used_at
+    assert first is not None
+    later = utcnow() + timedelta(minutes=2)
+    monkeypatch.setattr(users, "utcnow", lambda: later)
+    users.authenticate_token(session, secret=secret, cache=cache)
+    session.refresh(token)
+    assert token.last_used_at == later
+    users.authenticate_token(session, secret=secret, cache=cache)  # cached use: no write
+    assert cache.get(hash_token(secret)).last_used_at == later

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import event, func, select, update
 
 from app.db import make_engine, make_session_factory, make_statement_session_factory
-from app.errors import Conflict
+from app.errors import Conflict, Forbidden, NotFound, TooManyRequests
 from app.models import (
     Annotation,
     AnnotationStatus,
@@ -174,7 +174,7 @@ def pg_project(tmp_path):
         drop()
 
 
-def test_a_task_takes_two_statements_each_way_and_no_transaction_on_postgresql(
+def test_a_task_takes_one_statement_each_way_and_no_transaction_on_postgresql(
     pg_project, monkeypatch
 ):
     monkeypatch.setattr(tasks, "_last_reclaim", float("inf"))  # no periodic reclaim pass now
@@ -192,11 +192,11 @@ def test_a_task_takes_two_statements_each_way_and_no_transaction_on_postgresql(
         task = tasks.next_task(session, slug="load", user=user)
         assert task is not None
         assert len(task.completions) == 4
-        assert seen == [("SELECT", True), ("WITH", True)]  # project + queue head; pick + lease
+        assert seen == [("WITH", True)]  # project, queue head, pick and lease
         seen.clear()
         data = SubmitAnnotation(ranking=[[c.id] for c in task.completions])
         result = tasks.submit(session, lease_id=task.lease_id, user=user, data=data)
-        assert seen == [("SELECT", True), ("WITH", True)]  # the lease; re-check + write
+        assert seen == [("WITH", True)]  # lease and annotation checked + written
         assert not result.replayed
     with make_session_factory(pg_project)() as session:
         assert tasks.check_invariants(session) == []
@@ -206,13 +206,96 @@ def test_a_task_takes_two_statements_each_way_and_no_transaction_on_postgresql(
         assert annotation.display_order == lease.display_order
 
 
-def _between_read_and_write(engine, action) -> None:
-    """Run ``action`` (in a session of its own) once, just before the one-statement submit
-    writes: what a concurrent request could do between that submit's two statements."""
+def leases(engine) -> int:
+    with make_session_factory(engine)() as s:
+        return s.scalar(select(func.count()).select_from(Lease))
+
+
+def test_next_in_one_statement_leases_from_the_head_or_writes_nothing(pg_project, monkeypatch):
+    """The one-statement next (PostgreSQL's common case) leases only when the project exists,
+    the user may label it, holds no lease to resume there and is below the open-lease limit;
+    otherwise it writes nothing and next_task's other way answers (resume, 404, 403, 429)."""
+    monkeypatch.setattr(tasks, "_last_reclaim", float("inf"))  # no periodic reclaim pass now
+    factory = make_statement_session_factory(pg_project)
+
+    def fast(session, user, *, slug="load", exclude=(), max_open_leases=None):
+        return tasks._next_in_one_statement(
+            session,
+            slug=slug,
+            user=user,
+            exclude=list(exclude),
+            max_open_leases=max_open_leases,
+            now=utcnow(),
+        )
+
+    with factory() as session:
+        u0, u1 = (session.scalar(select(User).where(User.username == n)) for n in ("u0", "u1"))
+        first = fast(session, u0)
+        assert first is not None
+        assert [c.label for c in first.completions] == ["A", "B", "C", "D"]
+        assert leases(pg_project) == 1
+        assert fast(session, u0) is None  # a lease to resume: nothing written ...
+        assert leases(pg_project) == 1
+        assert tasks.next_task(session, slug="load", user=u0).lease_id == first.lease_id
+        assert fast(session, u0, exclude=[first.lease_id], max_open_leases=1) is None
+        with pytest.raises(TooManyRequests):
+            tasks.next_task(
+                session, slug="load", user=u0, exclude=[first.lease_id], max_open_leases=1
+            )
+        assert fast(session, u0, slug="nope") is None
+        with pytest.raises(NotFound):
+            tasks.next_task(session, slug="nope", user=u0)
+        assert leases(pg_project) == 1
+
+        # u1 is served the prompt u0 started: most annotated first (here: a live lease counts
+        # nothing yet, so annotate it first)
+        tasks.submit(
+            session,
+            lease_id=first.lease_id,
+            user=u0,
+            data=SubmitAnnotation(ranking=[[c.id] for c in first.completions]),
+        )
+        second = fast(session, u1)
+        assert second is not None
+        assert second.prompt.id == first.prompt.id
+        session.execute(update(Project).values(members_only=True))
+        session.commit()
+        assert fast(session, u1, exclude=[second.lease_id]) is None  # not a member
+        with pytest.raises(Forbidden):
+            tasks.next_task(session, slug="load", user=u1, exclude=[second.lease_id])
+        u1.role = Role.admin  # admins may label every project
+        assert fast(session, u1, exclude=[second.lease_id]) is not None
+        assert leases(pg_project) == 3
+    with make_session_factory(pg_project)() as session:
+        assert tasks.check_invariants(session) == []
+
+
+def test_next_in_one_statement_finds_nothing_once_the_user_has_seen_every_prompt(
+    pg_project, monkeypatch
+):
+    monkeypatch.setattr(tasks, "_last_reclaim", float("inf"))
+    with make_statement_session_factory(pg_project)() as session:
+        user = session.scalar(select(User).where(User.username == "u0"))
+        seen = []
+        while (task := tasks.next_task(session, slug="load", user=user, exclude=seen)) is not None:
+            seen.append(task.lease_id)
+        assert len(seen) == 5  # every prompt once
+        assert (
+            tasks._next_in_one_statement(
+                session, slug="load", user=user, exclude=seen, max_open_leases=None, now=utcnow()
+            )
+            is None
+        )
+    assert leases(pg_project) == 5
+
+
+def _just_before_the_write(engine, action) -> None:
+    """Run ``action`` (in a session of its own, committed) once, just before the one-statement
+    submit is sent: a concurrent request that got there first."""
     done: list[bool] = []
 
     def before(_conn, _cursor, statement, *_):
-        if statement.startswith("WITH still_open") and not done:
+        if statement.startswith("WITH valid_lease") and not done:
             done.append(True)
             with make_session_factory(engine)() as other:
                 action(other)
@@ -235,7 +318,7 @@ def test_a_lease_reclaimed_under_a_submit_is_a_409_and_nothing_is_written(pg_pro
             assert tasks.reclaim_expired(other) == 1
             other.commit()
 
-        _between_read_and_write(pg_project, expire_and_reclaim)
+        _just_before_the_write(pg_project, expire_and_reclaim)
         data = SubmitAnnotation(ranking=[[c.id] for c in task.completions])
         with pytest.raises(Conflict, match="already expired"):
             tasks.submit(session, lease_id=task.lease_id, user=user, data=data)
@@ -252,7 +335,7 @@ def test_a_submit_retried_while_the_first_is_in_flight_is_recorded_once(pg_proje
         task = tasks.next_task(session, slug="load", user=user)
         data = SubmitAnnotation(ranking=[[c.id] for c in task.completions])
         first: list[tasks.Recorded] = []
-        _between_read_and_write(
+        _just_before_the_write(
             pg_project,
             lambda other: first.append(
                 tasks.submit(other, lease_id=task.lease_id, user=user, data=data)
