@@ -457,15 +457,16 @@ _PICK_AND_LEASE = {
 }
 
 
-def _next_in_one_statement_query() -> Any:
+def _next_in_one_statement_query(head_window: int = QUEUE_HEAD_WINDOW) -> Any:
     """PostgreSQL: the common case of :func:`next_task` as one statement — the project (by
     slug) when this user may label it, holds no open lease in it (outside ``exclude``) and is
     below ``max_open`` live leases; the head of its queue, most annotated first and in random
     order among equals (see :func:`_spread`), walked in that order; and a new lease on the
     first prompt there that is new to the user and not locked by another request
-    (:func:`_pick_and_lease`). No row: one of those did not hold (an unknown project, a
-    non-member, a lease to resume, too many leases, nothing for this user in the head): the
-    caller then takes the way of several statements, which tells them apart."""
+    (:func:`_pick_and_lease`), else on the newest prompt nobody has annotated yet. No row: one
+    of those did not hold (an unknown project, a non-member, a lease to resume, too many
+    leases, nothing new to this user in the head nor untouched): the caller then takes the way
+    of several statements, which tells them apart."""
     is_member = exists(
         select(literal(1)).where(
             ProjectMember.__table__.c.project_id == _PR.c.id,
@@ -499,7 +500,7 @@ def _next_in_one_statement_query() -> Any:
             _P.c.annotation_count + _P.c.open_leases < overlap,
         )
         .order_by(*_PRIORITY)
-        .limit(_n(QUEUE_HEAD_WINDOW))
+        .limit(_n(head_window))
         .subquery("head")
     )
     # A sorted subquery is not merged into the join: its order drives the nested loop, whose
@@ -507,12 +508,33 @@ def _next_in_one_statement_query() -> Any:
     spread = (
         select(head.c.id).order_by(head.c.annotation_count.desc(), func.random()).subquery("spread")
     )
-    candidate = (
+    in_head = (
         select(_P.c.id, _P.c.messages)
         .select_from(spread.join(_P, _P.c.id == spread.c.id))
         .where(_P.c.annotation_count + _P.c.open_leases < overlap, *_NEW_TO_USER)
         .limit(_n(1))
         .with_for_update(of=_P, key_share=True, skip_locked=True)
+        .cte("in_head")
+    )
+    # Only when the head has nothing for this user (e.g. a lone annotator, whose own started
+    # prompts fill it): a prompt nobody has annotated yet, like the search of several
+    # statements does next.
+    fresh = (
+        select(_P.c.id, _P.c.messages)
+        .where(
+            _P.c.project_id == project_id,
+            _P.c.annotation_count == 0,
+            _P.c.open_leases < overlap,
+            *_NEW_TO_USER,
+            ~exists(select(in_head.c.id)),
+        )
+        .order_by(*_PRIORITY)
+        .limit(_n(1))
+        .with_for_update(of=_P, key_share=True, skip_locked=True)
+        .cte("fresh")
+    )
+    candidate = select(in_head.c.id, in_head.c.messages).union_all(
+        select(fresh.c.id, fresh.c.messages)
     )
     return _pick_and_lease(candidate, project)
 

@@ -289,6 +289,32 @@ def test_next_in_one_statement_finds_nothing_once_the_user_has_seen_every_prompt
     assert leases(pg_project) == 5
 
 
+def test_next_in_one_statement_takes_an_untouched_prompt_when_the_head_has_none_for_the_user(
+    pg_project, monkeypatch
+):
+    """A lone annotator's own started prompts fill the head of the queue (they rank first):
+    the one statement then leases the newest untouched prompt (here with a head of one)."""
+    monkeypatch.setattr(tasks, "_last_reclaim", float("inf"))
+    monkeypatch.setattr(tasks, "_NEXT_IN_ONE_STATEMENT", tasks._next_in_one_statement_query(1))
+    with make_statement_session_factory(pg_project)() as session:
+        user = session.scalar(select(User).where(User.username == "u0"))
+        first = tasks.next_task(session, slug="load", user=user)
+        data = SubmitAnnotation(ranking=[[c.id] for c in first.completions])
+        tasks.submit(session, lease_id=first.lease_id, user=user, data=data)
+        # the head (of one) is now the prompt u0 annotated
+        second = tasks._next_in_one_statement(
+            session, slug="load", user=user, exclude=[], max_open_leases=None, now=utcnow()
+        )
+        assert second is not None
+        assert second.prompt.id != first.prompt.id
+        counts = dict(session.execute(select(Prompt.id, Prompt.annotation_count)).all())
+        assert counts[second.prompt.id] == 0
+        newest_untouched = max(pid for pid, n in counts.items() if pid != first.prompt.id)
+        assert second.prompt.id == newest_untouched
+    with make_session_factory(pg_project)() as session:
+        assert tasks.check_invariants(session) == []
+
+
 def _just_before_the_write(engine, action) -> None:
     """Run ``action`` (in a session of its own, committed) once, just before the one-statement
     submit is sent: a concurrent request that got there first."""
