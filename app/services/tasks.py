@@ -40,6 +40,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Interval,
     and_,
     bindparam,
     case,
@@ -47,8 +48,8 @@ from sqlalchemy import (
     exists,
     func,
     insert,
-    literal,
     literal_column,
+    null,
     or_,
     select,
     update,
@@ -158,6 +159,9 @@ def _visible_projects(session: Session, *, user: User) -> list[Project]:
 _P, _C, _L, _A, _PR = (m.__table__ for m in (Prompt, Completion, Lease, Annotation, Project))
 
 
+_ONE, _ZERO, _TRUE = literal_column("1"), literal_column("0"), literal_column("true")
+
+
 def _n(value: int) -> Any:
     """A LIMIT/OFFSET written into the SQL: as a parameter, PostgreSQL's cached generic plan
     for the prepared statement would not know it is small and may sort the whole queue."""
@@ -165,7 +169,7 @@ def _n(value: int) -> Any:
 
 
 _READY = exists(
-    select(literal(1)).where(_C.c.prompt_id == _P.c.id).limit(_n(1)).offset(_n(MIN_COMPLETIONS - 1))
+    select(_ONE).where(_C.c.prompt_id == _P.c.id).limit(_n(1)).offset(_n(MIN_COMPLETIONS - 1))
 )
 _HAS_FREE_SLOT = (
     # (not "project_id": an UPDATE of prompts would take a parameter of that name as a SET)
@@ -179,7 +183,7 @@ _HAS_FREE_SLOT = (
 # leases for every candidate).
 _NEW_TO_USER = (
     ~exists(
-        select(literal(1))
+        select(_ONE)
         .where(_L.c.user_id == bindparam("user_id"), _L.c.prompt_id == _P.c.id)
         .offset(_n(0))
     ),
@@ -187,8 +191,8 @@ _NEW_TO_USER = (
     # of an annotator's annotations, which a plan made without statistics would otherwise
     # choose through the (user_id, created_at) index, and which grows with their work).
     ~exists(
-        select(literal(1))
-        .where(_A.c.prompt_id == _P.c.id, (_A.c.user_id + 0) == bindparam("user_id"))
+        select(_ONE)
+        .where(_A.c.prompt_id == _P.c.id, (_A.c.user_id + _ZERO) == bindparam("user_id"))
         .offset(_n(0))
     ),
     _READY,
@@ -227,10 +231,9 @@ _QUEUE_HEAD = (
 # The free-slot re-check (on the locked row's newest version) is written without an indexable
 # condition, so the plan stays primary-key lookups, never a scan of the queue index's range.
 _HEAD_SLOT = (_P.c.annotation_count + _P.c.open_leases < bindparam("overlap"),)
+_ID_ARRAY = postgresql.ARRAY(BigInteger)
 _HEAD_IDS = (
-    func.unnest(bindparam("head", type_=postgresql.ARRAY(BigInteger)))
-    .table_valued("id")
-    .render_derived(name="head")
+    func.unnest(bindparam("head", type_=_ID_ARRAY)).table_valued("id").render_derived(name="head")
 )
 _IN_HEAD = {
     "postgresql": select(_P.c.id, _P.c.messages)
@@ -248,17 +251,17 @@ _IN_HEAD = {
 }
 _FRESH = _candidate_query(_P.c.annotation_count == 0)
 _ANYWHERE = _candidate_query()
-_RESUME = (
+_RESUMABLE = (  # the user's live leases in the project
+    _L.c.user_id == bindparam("user_id"),
+    _L.c.project_id == _PR.c.id,
+    _L.c.status == LeaseStatus.open,
+    _L.c.expires_at > bindparam("now"),
+)
+_RESUME = (  # the oldest, outside ``exclude``
     select(_L.c.id)
-    .where(
-        _L.c.user_id == bindparam("user_id"),
-        _L.c.project_id == _PR.c.id,
-        _L.c.status == LeaseStatus.open,
-        _L.c.expires_at > bindparam("now"),
-        _L.c.id.not_in(bindparam("exclude", expanding=True)),
-    )
+    .where(*_RESUMABLE, _L.c.id.not_in(bindparam("exclude", expanding=True)))
     .order_by(_L.c.id)
-    .limit(1)
+    .limit(_n(1))
     .scalar_subquery()
 )
 _USER_LIVE = (
@@ -393,15 +396,20 @@ def _pick_and_lease(candidate: Any, project: Any = None) -> Any:
     row with ``id``, ``k`` and ``lease_seconds``)."""
     if project is None:
         project_id, k = _typed(_L, ("project_id",))[0], bindparam("k")
-        expires_at = _typed(_L, ("expires_at",))[0]
+        user_id, status, created_at, expires_at, closed_at = _typed(
+            _L, ("user_id", "status", "created_at", "expires_at", "closed_at")
+        )
     else:
+        # Short SQL (psycopg converts and caches statements of up to 4 kB only): the dialect
+        # writes each typed parameter with its type already (%(v_user_id)s::BIGINT).
         project_id = select(project.c.id).scalar_subquery()
         k = select(project.c.k).scalar_subquery()
         seconds = select(project.c.lease_seconds).scalar_subquery()
-        # make_interval(years, months, weeks, days, hours, mins, secs)
-        expires_at = bindparam("v_created_at", type_=_L.c.created_at.type) + func.make_interval(
-            0, 0, 0, 0, 0, 0, seconds
+        user_id, status, created_at = (
+            bindparam(f"v_{n}", type_=_L.c[n].type) for n in ("user_id", "status", "created_at")
         )
+        expires_at = created_at + seconds * literal_column("interval '1 second'", Interval())
+        closed_at = null()
     picked = candidate.cte("picked")
     shown = (
         select(_C.c.id, _C.c.text)
@@ -427,11 +435,12 @@ def _pick_and_lease(candidate: Any, project: Any = None) -> Any:
             select(
                 project_id,
                 slot.c.id,
-                *_typed(_L, ("user_id", "status")),
+                user_id,
+                status,
                 display_order,
-                *_typed(_L, ("created_at",)),
+                created_at,
                 expires_at,
-                *_typed(_L, ("closed_at",)),
+                closed_at,
             ),
         )
         .returning(_L.c.id, _L.c.display_order, _L.c.expires_at)
@@ -447,7 +456,7 @@ def _pick_and_lease(candidate: Any, project: Any = None) -> Any:
         lease.c.display_order,
         lease.c.expires_at,
         shown_json.label("shown"),
-    ).select_from(picked.join(lease, literal(True)))
+    ).select_from(picked.join(lease, _TRUE))
 
 
 _PICK_AND_LEASE = {
@@ -468,7 +477,7 @@ def _next_in_one_statement_query(head_window: int = QUEUE_HEAD_WINDOW) -> Any:
     leases, nothing new to this user in the head nor untouched): the caller then takes the way
     of several statements, which tells them apart."""
     is_member = exists(
-        select(literal(1)).where(
+        select(_ONE).where(
             ProjectMember.__table__.c.project_id == _PR.c.id,
             ProjectMember.__table__.c.user_id == bindparam("user_id"),
         )
@@ -484,10 +493,15 @@ def _next_in_one_statement_query(head_window: int = QUEUE_HEAD_WINDOW) -> Any:
         .where(
             _PR.c.slug == bindparam("slug"),
             or_(~_PR.c.members_only, _flag("is_admin"), is_member),
-            _RESUME.is_(None),
+            # the lease to resume, with ``exclude`` as one array (SQL of a fixed length)
+            ~exists(
+                select(_ONE).where(
+                    *_RESUMABLE, _L.c.id != func.all(bindparam("exclude_ids", type_=_ID_ARRAY))
+                )
+            ),
             live < bindparam("max_open"),
         )
-        .cte("task_project")
+        .cte("proj")
     )
     # As parameters of the plan (InitPlans): the queue index then serves the head in order.
     project_id = select(project.c.id).scalar_subquery()
@@ -523,7 +537,7 @@ def _next_in_one_statement_query(head_window: int = QUEUE_HEAD_WINDOW) -> Any:
         select(_P.c.id, _P.c.messages)
         .where(
             _P.c.project_id == project_id,
-            _P.c.annotation_count == 0,
+            _P.c.annotation_count == _ZERO,
             _P.c.open_leases < overlap,
             *_NEW_TO_USER,
             ~exists(select(in_head.c.id)),
@@ -620,7 +634,7 @@ def _validated_submit() -> Any:
     from_lease = {"project_id", "prompt_id", "display_order"}
     values = select(
         *(lease.c[n] if n in from_lease else _typed(_A, (n,))[0] for n in _ANNOTATION_COLUMNS)
-    ).select_from(lease.join(counted, literal(True)))
+    ).select_from(lease.join(counted, _TRUE))
     return _insert_and_close(counted, values)
 
 
@@ -719,7 +733,7 @@ def _next_in_one_statement(
         "user_id": user.id,
         "is_admin": user.role == Role.admin,
         "now": now,
-        "exclude": exclude,
+        "exclude_ids": exclude,
         "max_open": max_open_leases if max_open_leases is not None else 2**31 - 1,
         **_prefixed(_lease_values(None, None, user.id, now)),
     }
