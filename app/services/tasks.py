@@ -735,7 +735,10 @@ def _next_in_one_statement(
         "now": now,
         "exclude_ids": exclude,
         "max_open": max_open_leases if max_open_leases is not None else 2**31 - 1,
-        **_prefixed(_lease_values(None, None, user.id, now)),
+        # the lease's own values (the statement takes the rest from the project and the pick)
+        "v_user_id": user.id,
+        "v_status": LeaseStatus.open,
+        "v_created_at": now,
     }
     try:
         row = session.connection().execute(_NEXT_IN_ONE_STATEMENT, params).first()
@@ -836,18 +839,14 @@ def _new_lease_in_one_statement(
 
 
 def _lease_values(project: Any, prompt_id: int | None, user_id: int, now: datetime) -> dict:
-    """A new lease's columns; without ``project`` (None), the statement supplies its id and
-    expiry."""
     return {
-        "project_id": project.id if project is not None else None,
+        "project_id": project.id,
         "prompt_id": prompt_id,
         "user_id": user_id,
         "status": LeaseStatus.open,
         "display_order": None,
         "created_at": now,
-        "expires_at": (
-            now + timedelta(seconds=project.lease_seconds) if project is not None else None
-        ),
+        "expires_at": now + timedelta(seconds=project.lease_seconds),
         "closed_at": None,
     }
 

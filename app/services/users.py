@@ -164,7 +164,6 @@ class TokenCache:
     def __init__(
         self, seconds: float, *, maxsize: int = 10_000, timer: Callable[[], float] = time.monotonic
     ) -> None:
-        self.seconds = seconds
         self._lock = threading.Lock()
         self._tokens: TTLCache[str, CheckedToken] | None = (
             TTLCache(maxsize=maxsize, ttl=seconds, timer=timer) if seconds > 0 else None
