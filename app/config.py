@@ -76,7 +76,8 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(
         default=5,
         description="Connections kept per app process, and the number of threads it runs "
-        "database work in (at least 4).",
+        "database work in (at least 4); on PostgreSQL up to as many more for the labeling "
+        "routes' statements on the event loop.",
     )
     db_statement_timeout_ms: int = Field(
         default=30_000,

@@ -7,11 +7,15 @@ explicit-transaction mode so that savepoints and ``BEGIN IMMEDIATE`` work.
 from __future__ import annotations
 
 import select
+import time
 from typing import Any
 
+from psycopg.rows import namedtuple_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Connection,
     Engine,
     Integer,
     MetaData,
@@ -22,6 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import psycopg as _psycopg_dialect
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from app.config import Settings
@@ -74,10 +79,23 @@ def _drop_dead_connection(dbapi_connection: Any, _record: Any, _proxy: Any) -> N
     SQLAlchemy then invalidates it as a disconnect and the request gets a 503."""
     if dbapi_connection.closed or dbapi_connection.broken:
         raise exc.DisconnectionError("connection closed")
-    poller = select.poll()
-    poller.register(dbapi_connection.fileno(), select.POLLIN | select.POLLPRI)
-    if poller.poll(0):
+    if _readable(dbapi_connection.fileno()):
         raise exc.DisconnectionError("the server closed the connection")
+
+
+def _readable(fd: int) -> bool:
+    """Whether the socket ``fd`` has something to read now (without waiting)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(0))
+
+
+def _connect_args(statement_timeout_ms: int) -> dict[str, Any]:
+    """psycopg's connection arguments besides the URL's."""
+    args: dict[str, Any] = {"connect_timeout": 5}
+    if statement_timeout_ms:
+        args["options"] = f"-c statement_timeout={int(statement_timeout_ms)}"
+    return args
 
 
 def make_engine(url: str, *, pool_size: int = 10, statement_timeout_ms: int = 0) -> Engine:
@@ -88,9 +106,7 @@ def make_engine(url: str, *, pool_size: int = 10, statement_timeout_ms: int = 0)
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    connect_args: dict[str, Any] = {"connect_timeout": 5}
-    if statement_timeout_ms:
-        connect_args["options"] = f"-c statement_timeout={int(statement_timeout_ms)}"
+    connect_args = _connect_args(statement_timeout_ms)
     psycopg3 = make_url(url).get_dialect().driver == "psycopg"
     engine = create_engine(
         url,
@@ -150,3 +166,192 @@ def insert_skipping_duplicates(session: Session, table: Any, *unique_columns: An
     that already exist are skipped, which makes retried writes idempotent."""
     dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
     return dialect.insert(table).on_conflict_do_nothing(index_elements=list(unique_columns))
+
+
+class Precompiled:
+    """A Core statement compiled once per dialect and run straight on a driver connection: the
+    labeling hot path's statements (PostgreSQL, psycopg), for which SQLAlchemy's execution
+    (cache key of a large statement, execution context, result wrapping) would cost more
+    client CPU than the driver itself. The SQL, the parameters' conversions (SQLAlchemy's own
+    bind processors: enums, JSON) and the statement's constants are worked out once; rows come
+    back as named tuples. Driver errors become SQLAlchemy's exceptions (``IntegrityError``,
+    ``OperationalError`` …), which the app answers like any other.
+
+    - :meth:`first` runs on a SQLAlchemy ``Connection`` (its transaction, if any): a lost
+      connection is invalidated, and the connection's ``before/after_cursor_execute``
+      listeners still see the statement;
+    - :meth:`first_async` runs on a psycopg ``AsyncConnection`` from :func:`statement_pool`,
+      so the event loop needs no worker thread for it.
+
+    Not for statements with expanding (``IN``) or literal-execute parameters, nor for those
+    that need Python-side column defaults (SQLAlchemy computes them at execution): refused
+    when compiled."""
+
+    __slots__ = ("_compiled", "statement")
+
+    def __init__(self, statement: Any) -> None:
+        self.statement = statement
+        self._compiled: dict[Any, _Compiled] = {}
+
+    def compiled(self, dialect: Any = None) -> _Compiled:
+        """The statement compiled for ``dialect`` (default: PostgreSQL with psycopg)."""
+        dialect = dialect or _PSYCOPG
+        compiled = self._compiled.get(dialect)
+        if compiled is None:
+            compiled = self._compiled[dialect] = _Compiled(self.statement, dialect)
+        return compiled
+
+    def first(self, connection: Connection, params: dict[str, Any]) -> Any:
+        """The statement's first row (a named tuple), or None."""
+        compiled = self.compiled(connection.dialect)
+        values = compiled.values(params)
+        driver_connection = connection.connection.driver_connection
+        dispatch = connection.dispatch
+        cursor = driver_connection.cursor(row_factory=namedtuple_row)
+        try:
+            if dispatch.before_cursor_execute:
+                dispatch.before_cursor_execute(
+                    connection, cursor, compiled.sql, values, None, False
+                )
+            cursor.execute(compiled.sql, values)
+            if dispatch.after_cursor_execute:
+                dispatch.after_cursor_execute(connection, cursor, compiled.sql, values, None, False)
+            return cursor.fetchone() if cursor.description is not None else None
+        except compiled.driver_error as e:
+            lost = compiled.dialect.is_disconnect(e, driver_connection, cursor)
+            if lost:
+                connection.invalidate(e)
+            raise compiled.translated(e, values, lost) from e
+        finally:
+            cursor.close()
+
+    async def first_async(self, connection: Any, params: dict[str, Any]) -> Any:
+        """:meth:`first` on a psycopg ``AsyncConnection`` (autocommit: the statement commits
+        by itself)."""
+        compiled = self.compiled()
+        values = compiled.values(params)
+        try:
+            async with connection.cursor(row_factory=namedtuple_row) as cursor:
+                await cursor.execute(compiled.sql, values)
+                return await cursor.fetchone() if cursor.description is not None else None
+        except compiled.driver_error as e:
+            lost = compiled.dialect.is_disconnect(e, connection, None)
+            raise compiled.translated(e, values, lost) from e
+
+
+class _Compiled:
+    """:class:`Precompiled`'s statement for one dialect."""
+
+    __slots__ = ("constants", "dialect", "driver_error", "processors", "required", "sql")
+
+    def __init__(self, statement: Any, dialect: Any) -> None:
+        compiled = statement.compile(dialect=dialect)
+        if compiled.post_compile_params or compiled.literal_execute_params:
+            raise ValueError("Precompiled runs no statement with expanding parameters")
+        if compiled.insert_prefetch or compiled.update_prefetch:
+            raise ValueError("Precompiled runs no statement that needs Python-side defaults")
+        if compiled.escaped_bind_names or dialect.paramstyle != "pyformat":
+            raise ValueError("Precompiled needs %(name)s parameters with plain names")
+        self.sql: str = compiled.string
+        self.dialect = dialect
+        self.driver_error: type[Exception] = dialect.loaded_dbapi.Error
+        self.processors: dict[str, Any] = dict(compiled._bind_processors)
+        self.required = frozenset(b.key for b in compiled.binds.values() if b.required)
+        self.constants = {
+            name: self._processed(name, value)
+            for name, value in compiled.construct_params(_check=False).items()
+            if name not in self.required
+        }
+
+    def _processed(self, name: str, value: Any) -> Any:
+        processor = self.processors.get(name)
+        return value if processor is None else processor(value)
+
+    def values(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The driver's parameters: the constants and ``params``, converted."""
+        if missing := self.required - params.keys():
+            raise exc.ArgumentError(f"missing parameters: {', '.join(sorted(missing))}")
+        values = dict(self.constants)
+        processors = self.processors
+        for name, value in params.items():
+            processor = processors.get(name)
+            values[name] = value if processor is None else processor(value)
+        return values
+
+    def translated(self, error: Exception, values: dict[str, Any], lost: bool) -> Exception:
+        return exc.DBAPIError.instance(
+            self.sql,
+            values,
+            error,
+            self.driver_error,
+            connection_invalidated=lost,
+            dialect=self.dialect,
+            ismulti=False,
+        )
+
+
+_PSYCOPG = _psycopg_dialect.dialect(dbapi=_psycopg_dialect.dialect.import_dbapi())
+
+
+STATEMENT_POOL_WAIT_S = 0.5
+"""How long a request waits for a connection of :func:`statement_pool` before its service
+takes the way of the worker threads instead (``psycopg_pool.PoolTimeout``): all busy, or the
+database unreachable — the pool reconnects in the background, while the engine's pool
+connects on demand and fails at once, a quick 503."""
+STATEMENT_POOL_REST_S = 1.0
+"""After such a wait, the pool is not asked again for this long (requests go the other way at
+once): while the database is down, or until the pool has reconnected after it came back."""
+
+
+class StatementPool(AsyncConnectionPool):
+    """:func:`statement_pool`'s pool."""
+
+    _resting_until = 0.0
+
+    async def first(self, statement: Precompiled, params: dict[str, Any]) -> Any:
+        """:meth:`Precompiled.first_async` on one of the pool's connections. ``PoolTimeout``
+        when none comes within :data:`STATEMENT_POOL_WAIT_S`, and then at once for
+        :data:`STATEMENT_POOL_REST_S`."""
+        if time.monotonic() < self._resting_until:
+            raise PoolTimeout("the statement pool is resting after a timeout")
+        try:
+            async with self.connection() as connection:
+                return await statement.first_async(connection, params)
+        except PoolTimeout:
+            self._resting_until = time.monotonic() + STATEMENT_POOL_REST_S
+            raise
+
+
+def statement_pool(settings: Settings) -> StatementPool | None:
+    """PostgreSQL: a pool of asyncio connections in autocommit mode for the labeling hot path's
+    single statements (:meth:`Precompiled.first_async`), which then need no worker thread —
+    the thread hand-off costs the event loop more than the statement's own client work. Up to
+    ``db_pool_size`` connections, made as the engine's are (statement timeout included), one
+    kept open when idle; a connection the server closed is dropped when taken, without a round
+    trip (as :func:`_drop_dead_connection`). Not opened: the app's lifespan opens and closes
+    it. SQLite: None."""
+    if settings.is_sqlite:
+        return None
+    url = make_url(settings.database_url)
+    _, params = url.set(drivername="postgresql+psycopg").get_dialect()().create_connect_args(url)
+    return StatementPool(
+        kwargs={
+            **params,
+            **_connect_args(settings.db_statement_timeout_ms),
+            "autocommit": True,
+        },
+        min_size=1,
+        max_size=settings.request_threads,
+        open=False,
+        check=_still_open,
+        timeout=STATEMENT_POOL_WAIT_S,
+        name="prefero-statements",
+    )
+
+
+async def _still_open(connection: Any) -> None:
+    """The statement pool's check when a connection is taken: one the server closed is closed
+    here too (so the pool discards it rather than handing it out again) and refused."""
+    if connection.closed or connection.broken or _readable(connection.fileno()):
+        await connection.close()
+        raise exc.DisconnectionError("the server closed the connection")

@@ -19,7 +19,7 @@ from app.errors import Forbidden, Unauthenticated
 from app.models import Role, User
 from app.observability import set_user_id
 from app.services.auth_sessions import WebLogin, authenticate_session
-from app.services.users import TokenCache, authenticate_token
+from app.services.users import TokenCache, authenticate_token, cached_token_user
 
 T = TypeVar("T")
 WEB_SESSION_COOKIE = "prefero_session"
@@ -123,6 +123,17 @@ class Caller:
                 raise Forbidden(f"missing or wrong {CSRF_HEADER} header")
             return login.user
         raise Unauthenticated("authentication required: send 'Authorization: Bearer <token>'")
+
+    def cached_user(self) -> User | None:
+        """The bearer token's user when this process checked the token recently (see
+        :func:`app.services.users.cached_token_user`), with no database work; else None
+        (:meth:`user` checks it)."""
+        if self.bearer is None:
+            return None
+        user = cached_token_user(secret=self.bearer, cache=self.token_cache)
+        if user is not None:
+            set_user_id(user.id)
+        return user
 
 
 async def caller(request: Request) -> Caller:

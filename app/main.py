@@ -19,7 +19,12 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app import __version__
 from app.config import Settings, get_settings
-from app.db import engine_from_settings, make_session_factory, make_statement_session_factory
+from app.db import (
+    engine_from_settings,
+    make_session_factory,
+    make_statement_session_factory,
+    statement_pool,
+)
 from app.errors import DomainError, TooManyRequests
 from app.observability import Observability, install_record_factory, worker_stopped
 from app.routes import (
@@ -61,15 +66,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     engine = engine_from_settings(settings)
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(started: FastAPI) -> AsyncIterator[None]:
         # Database work runs in worker threads: as many as the pool keeps connections, so a
         # thread never waits for one, no connection is opened and closed per request (the
         # pool's overflow), and fewer threads contend for the GIL.
         to_thread.current_default_thread_limiter().total_tokens = settings.request_threads
         _freeze_startup_heap()
-        yield
-        engine.dispose()
-        worker_stopped()
+        pool = started.state.statement_pool
+        if pool is not None:
+            await pool.open(wait=False)  # connects in the background
+        try:
+            yield
+        finally:
+            if pool is not None:
+                await pool.close()
+            engine.dispose()
+            worker_stopped()
 
     # /docs is served from the vendored Swagger UI (pages_docs); FastAPI's own loads a CDN.
     app = FastAPI(
@@ -86,6 +98,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # the labeling routes' sessions: statement by statement on PostgreSQL (app.deps.request_session)
     app.state.open_session = make_statement_session_factory(engine)
     app.state.token_cache = TokenCache(settings.token_cache_seconds)
+    # PostgreSQL: the labeling routes' single statements on the event loop (app.db.statement_pool)
+    app.state.statement_pool = statement_pool(settings)
 
     # Routes are matched in order: the labeling API, most of the traffic, first.
     api_modules = (

@@ -140,3 +140,5 @@ def use_session(app: Any, session: Session) -> None:
 
     app.dependency_overrides[get_session] = test_session
     app.state.open_session = lambda: nullcontext(session)
+    # the labeling routes' own connections would not see the test's transaction
+    app.state.statement_pool = None

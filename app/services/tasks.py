@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from psycopg_pool import PoolTimeout
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -58,6 +59,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.db import Precompiled, StatementPool
 from app.errors import Conflict, Forbidden, InvalidInput, NotFound, TooManyRequests
 from app.models import (
     Annotation,
@@ -553,7 +555,7 @@ def _next_in_one_statement_query(head_window: int = QUEUE_HEAD_WINDOW) -> Any:
     return _pick_and_lease(candidate, project)
 
 
-_NEXT_IN_ONE_STATEMENT = _next_in_one_statement_query()
+_NEXT_IN_ONE_STATEMENT = Precompiled(_next_in_one_statement_query())
 _ANNOTATION_COLUMNS = tuple(c.name for c in _A.c if c.name != "id")
 # The transactional way of a submit (the lease locked and checked first), on PostgreSQL: the
 # count moves only while the prompt is below its overlap; the annotation and the lease's new
@@ -638,7 +640,7 @@ def _validated_submit() -> Any:
     return _insert_and_close(counted, values)
 
 
-_VALIDATED_SUBMIT = _validated_submit()
+_VALIDATED_SUBMIT = Precompiled(_validated_submit())
 
 
 def _candidates(project: Any, user_id: int):
@@ -671,7 +673,7 @@ def next_task(
     conn = session.connection()
     now = utcnow()
     exclude = list(exclude)[:MAX_EXCLUDE]
-    if conn.dialect.name == "postgresql" and time.monotonic() - _last_reclaim < RECLAIM_INTERVAL:
+    if conn.dialect.name == "postgresql" and _fresh_enough():
         task = _next_in_one_statement(
             session, slug=slug, user=user, exclude=exclude, max_open_leases=max_open_leases, now=now
         )
@@ -728,29 +730,70 @@ def _next_in_one_statement(
     """PostgreSQL, the common case of :func:`next_task` (a new lease from the head of the
     queue) in one round trip (:data:`_NEXT_IN_ONE_STATEMENT`); None: nothing written, take the
     way of several statements."""
-    params = {
+    params = _next_params(slug, user, exclude, max_open_leases, now)
+    try:
+        row = _NEXT_IN_ONE_STATEMENT.first(session.connection(), params)
+    except IntegrityError:  # this user's concurrent request leased that prompt first
+        session.rollback()
+        return None
+    session.commit()  # sends nothing in autocommit mode
+    return None if row is None else _leased_task(row)
+
+
+def _next_params(
+    slug: str, user: User, exclude: Sequence[int], max_open_leases: int | None, now: datetime
+) -> dict[str, Any]:
+    return {
         "slug": slug,
         "user_id": user.id,
         "is_admin": user.role == Role.admin,
         "now": now,
-        "exclude_ids": exclude,
+        "exclude_ids": list(exclude)[:MAX_EXCLUDE],
         "max_open": max_open_leases if max_open_leases is not None else 2**31 - 1,
         # the lease's own values (the statement takes the rest from the project and the pick)
         "v_user_id": user.id,
         "v_status": LeaseStatus.open,
         "v_created_at": now,
     }
-    try:
-        row = session.connection().execute(_NEXT_IN_ONE_STATEMENT, params).first()
-    except IntegrityError:  # this user's concurrent request leased that prompt first
-        session.rollback()
-        return None
-    session.commit()  # sends nothing in autocommit mode
-    if row is None:
-        return None
+
+
+def _leased_task(row: Any) -> Task:
+    """The task of a row of :data:`_NEXT_IN_ONE_STATEMENT`."""
     texts = dict(row.shown)
     shown = [(cid, texts[cid]) for cid in row.display_order]
     return _new_task(row.lease_id, row.expires_at, row.id, row.messages, shown)
+
+
+def _fresh_enough() -> bool:
+    """Whether this process reclaimed expired leases within :data:`RECLAIM_INTERVAL` (the
+    one-statement ``next`` does not reclaim; the way of several statements does)."""
+    return time.monotonic() - _last_reclaim < RECLAIM_INTERVAL
+
+
+async def try_next_task(
+    pool: StatementPool,
+    *,
+    slug: str,
+    user: User,
+    exclude: Sequence[int] = (),
+    max_open_leases: int | None = None,
+) -> Task | None:
+    """PostgreSQL: :func:`next_task`'s common case — a new lease from the head of the queue —
+    as one statement on a connection of ``pool`` (:func:`app.db.statement_pool`), awaited on
+    the event loop with no worker thread. None: nothing was written (a lease to resume, the
+    open-lease limit, an unknown or closed project, an empty queue head, a reclaim due, a race
+    with the user's own request, no pooled connection soon); :func:`next_task` then
+    answers."""
+    if not _fresh_enough():
+        return None
+    params = _next_params(slug, user, exclude, max_open_leases, utcnow())
+    try:
+        row = await pool.first(_NEXT_IN_ONE_STATEMENT, params)
+    except IntegrityError:  # this user's concurrent request leased that prompt first
+        return None
+    except PoolTimeout:  # no connection soon (app.db.STATEMENT_POOL_WAIT_S)
+        return None
+    return None if row is None else _leased_task(row)
 
 
 def _too_many_leases(session: Session, *, user_id: int, now: datetime, held: int) -> None:
@@ -1127,13 +1170,23 @@ def _submit_in_one_statement(
     in the statement against the locked lease and its project. None (nothing written): a
     problem either way, or a lease not this user's, not open or not live; the transactional
     way then answers with the problem itself (or the replay of a retry)."""
+    params = _submit_params(lease_id, user, data)
+    if params is None:
+        return None
+    row = _VALIDATED_SUBMIT.first(session.connection(), params)
+    session.commit()  # sends nothing in autocommit mode
+    return None if row is None else Recorded(row.id, lease_id)
+
+
+def _submit_params(lease_id: int, user: User, data: SubmitAnnotation) -> dict[str, Any] | None:
+    """:data:`_VALIDATED_SUBMIT`'s parameters, or None when the annotation has a problem that
+    does not depend on the lease (see :func:`_submit_in_one_statement`)."""
     shown = [cid for group in data.ranking for cid in group]
     flag_names = sorted({f for flags in data.flags.values() for f in flags})
     if validate_submission(data, shown=shown, project=_AnySettings(flags=flag_names)):
         return None
-    now = utcnow()
-    values = _submitted_values(_UnreadLease(lease_id), user, now, data)
-    params = {
+    values = _submitted_values(_UnreadLease(lease_id), user, utcnow(), data)
+    return {
         **_prefixed(values),
         "v_shown": shown,
         "v_shown_count": len(shown),
@@ -1142,9 +1195,23 @@ def _submit_in_one_statement(
         "v_flag_names": flag_names,
         "v_explained": bool(data.rationale.strip()),
     }
-    annotation_id = session.connection().execute(_VALIDATED_SUBMIT, params).scalar()
-    session.commit()  # sends nothing in autocommit mode
-    return None if annotation_id is None else Recorded(annotation_id, lease_id)
+
+
+async def try_submit(
+    pool: StatementPool, *, lease_id: int, user: User, data: SubmitAnnotation
+) -> Recorded | None:
+    """PostgreSQL: :func:`submit`'s common case as one statement on a connection of ``pool``
+    (:func:`app.db.statement_pool`), awaited on the event loop with no worker thread. None:
+    nothing was written (see :func:`_submit_in_one_statement`); :func:`submit` then answers,
+    naming the problem or replaying a retry."""
+    params = _submit_params(lease_id, user, data)
+    if params is None:
+        return None
+    try:
+        row = await pool.first(_VALIDATED_SUBMIT, params)
+    except PoolTimeout:  # no connection soon (app.db.STATEMENT_POOL_WAIT_S)
+        return None
+    return None if row is None else Recorded(row.id, lease_id)
 
 
 def _same_submission(earlier: Annotation, data: SubmitAnnotation) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import threading
@@ -10,18 +11,22 @@ import time
 import pytest
 from anyio import to_thread
 from fastapi.testclient import TestClient
-from sqlalchemy import event, func, insert, select, text
+from sqlalchemy import bindparam, event, func, insert, select, text, update
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 
 from app.config import Settings
 from app.db import (
+    Precompiled,
     engine_from_settings,
     in_autocommit,
     make_engine,
     make_session_factory,
     make_statement_session_factory,
+    statement_pool,
 )
 from app.main import create_app
 from app.models import Completion, Project, Prompt
+from app.services import tasks
 from app.services.imports import import_prompts
 from app.services.transactions import write_transaction
 from tests.conftest import create_database, migrate
@@ -179,3 +184,128 @@ def test_the_pool_keeps_a_connection_for_every_request_thread(pool_size, threads
         limiter = client.portal.call(to_thread.current_default_thread_limiter)
         assert limiter.total_tokens == threads
     app.state.engine.dispose()
+
+
+# --------------------------------------------------------------------------- Precompiled
+
+
+@pytest.fixture
+def pg_engine(tmp_path):
+    url, drop = create_database("postgresql", tmp_path)
+    migrate(url)
+    engine = make_engine(url, pool_size=2)
+    yield engine
+    engine.dispose()
+    drop()
+
+
+_RENAME = Precompiled(
+    update(Project)
+    .where(Project.slug == bindparam("old"))
+    .values(slug=bindparam("new"), flags=bindparam("flags"))
+    .returning(Project.id, Project.slug, Project.flags)
+)
+
+
+def _projects(engine, *slugs: str) -> None:
+    with make_session_factory(engine)() as s:
+        s.add_all(Project(name=slug, slug=slug) for slug in slugs)
+        s.commit()
+
+
+def _slugs(engine) -> list[str]:
+    with make_session_factory(engine)() as s:
+        return sorted(s.scalars(select(Project.slug)))
+
+
+def _terminate(engine, pid: int) -> None:
+    """End backend ``pid`` as a server restart would, and wait until it is gone."""
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql(f"SELECT pg_terminate_backend({pid})").scalar()
+        for _ in range(100):  # the backend exits asynchronously
+            alive = conn.exec_driver_sql(
+                f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"
+            ).scalar()
+            if not alive:
+                return
+            time.sleep(0.02)
+
+
+def test_precompiled_sends_sqlalchemys_statement_and_answers_with_its_exceptions(pg_engine):
+    """The hot path's statements run on the driver's cursor: the SQL SQLAlchemy would send,
+    its parameter conversions (JSON here) and constants, named-tuple rows; listeners still see
+    the statement; a driver error is SQLAlchemy's exception (the app's handlers answer it)."""
+    _projects(pg_engine, "a", "b")
+    sent: list[str] = []
+    event.listen(pg_engine, "before_cursor_execute", lambda *a: sent.append(a[2]))
+    with pg_engine.connect() as conn:
+        sql = _RENAME.compiled(conn.dialect).sql
+        assert sql == str(_RENAME.statement.compile(dialect=conn.dialect))
+        row = _RENAME.first(conn, {"old": "a", "new": "c", "flags": ["too long"]})
+        assert (row.slug, row.flags) == ("c", ["too long"])
+        assert sent == [sql]
+        assert _RENAME.first(conn, {"old": "a", "new": "d", "flags": []}) is None
+        with pytest.raises(IntegrityError):  # slug b is taken
+            _RENAME.first(conn, {"old": "c", "new": "b", "flags": []})
+        conn.rollback()
+        with pytest.raises(ArgumentError, match="missing parameters: new"):
+            _RENAME.first(conn, {"old": "b", "flags": []})
+    assert _slugs(pg_engine) == ["a", "b"]  # the rename was rolled back with the transaction
+    with pytest.raises(ValueError, match="Python-side defaults"):  # created_at=utcnow() …
+        Precompiled(insert(Project).values(name="x", slug="x")).compiled()
+
+
+def test_the_hot_statements_compile_alike_for_a_connected_engine_and_the_default_dialect(
+    pg_engine,
+):
+    """The statement pool's connections compile with a dialect that never connected: the SQL
+    must be what the engine's own (initialised on connect) would send."""
+    with pg_engine.connect():
+        pass
+    for statement in (tasks._NEXT_IN_ONE_STATEMENT, tasks._VALIDATED_SUBMIT):
+        assert statement.compiled().sql == statement.compiled(pg_engine.dialect).sql
+
+
+def test_the_statement_pool_runs_precompiled_statements_and_drops_dead_connections(
+    pg_engine, tmp_path
+):
+    settings = Settings(
+        data_dir=tmp_path,
+        database_url=pg_engine.url.render_as_string(hide_password=False),
+        secret_key="x",
+        db_pool_size=4,
+    )
+    assert statement_pool(settings.model_copy(update={"database_url": "sqlite://"})) is None
+
+    async def scenario() -> None:
+        pool = statement_pool(settings)
+        assert pool is not None
+        assert pool.max_size == 4
+        await pool.open(wait=True)
+        try:
+            async with pool.connection() as conn:
+                assert conn.autocommit
+                pid = conn.info.backend_pid
+                row = await _RENAME.first_async(conn, {"old": "a", "new": "c", "flags": ["x"]})
+                assert (row.slug, row.flags) == ("c", ["x"])
+                with pytest.raises(IntegrityError):
+                    await _RENAME.first_async(conn, {"old": "c", "new": "b", "flags": []})
+                timeout = await conn.execute("SHOW statement_timeout")
+                assert (await timeout.fetchone())[0] == "30s"
+            # the server ends the idle connection: the next request gets another, no error
+            await to_thread.run_sync(_terminate, pg_engine, pid)
+            async with pool.connection() as conn:
+                assert conn.info.backend_pid != pid
+                row = await _RENAME.first_async(conn, {"old": "c", "new": "d", "flags": []})
+                assert row.slug == "d"
+                # one that dies in use: the statement fails as a lost connection (a 503)
+                await to_thread.run_sync(_terminate, pg_engine, conn.info.backend_pid)
+                with pytest.raises(OperationalError) as lost:
+                    await _RENAME.first_async(conn, {"old": "d", "new": "e", "flags": []})
+                assert lost.value.connection_invalidated
+        finally:
+            await pool.close()
+
+    _projects(pg_engine, "a", "b")
+    asyncio.run(scenario())
+    assert _slugs(pg_engine) == ["b", "d"]  # each statement committed by itself

@@ -9,15 +9,26 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections import Counter
 from datetime import timedelta
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import event, func, select, update
 from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 
-from app.db import make_engine, make_session_factory, make_statement_session_factory
+from app.config import Settings
+from app.db import (
+    STATEMENT_POOL_REST_S,
+    STATEMENT_POOL_WAIT_S,
+    Precompiled,
+    make_engine,
+    make_session_factory,
+    make_statement_session_factory,
+)
 from app.errors import Conflict, Forbidden, NotFound, TooManyRequests
+from app.main import create_app
 from app.models import (
     Annotation,
     AnnotationStatus,
@@ -32,6 +43,7 @@ from app.models import (
 from app.schemas import SubmitAnnotation
 from app.services import tasks
 from tests.conftest import create_database, migrate
+from tests.factories import auth, make_token
 
 PROMPTS = 40
 OVERLAP = 3
@@ -185,8 +197,8 @@ def test_the_labeling_statements_stay_short_enough_for_psycopgs_query_cache():
     max_bytes = getattr(_queries, "MAX_CACHED_STATEMENT_LENGTH", 4096)
     max_params = getattr(_queries, "MAX_CACHED_STATEMENT_PARAMS", 50)
     hot = {
-        "next": tasks._NEXT_IN_ONE_STATEMENT,
-        "submit": tasks._VALIDATED_SUBMIT,
+        "next": tasks._NEXT_IN_ONE_STATEMENT.statement,
+        "submit": tasks._VALIDATED_SUBMIT.statement,
         "submit (transactional)": tasks._RECORD_SUBMIT,
         "project and head": tasks._PROJECT_FOR_TASK["postgresql"],
         "lease": tasks._LOCK_LEASE,
@@ -320,7 +332,8 @@ def test_next_in_one_statement_takes_an_untouched_prompt_when_the_head_has_none_
     """A lone annotator's own started prompts fill the head of the queue (they rank first):
     the one statement then leases the newest untouched prompt (here with a head of one)."""
     monkeypatch.setattr(tasks, "_last_reclaim", float("inf"))
-    monkeypatch.setattr(tasks, "_NEXT_IN_ONE_STATEMENT", tasks._next_in_one_statement_query(1))
+    head_of_one = Precompiled(tasks._next_in_one_statement_query(1))
+    monkeypatch.setattr(tasks, "_NEXT_IN_ONE_STATEMENT", head_of_one)
     with make_statement_session_factory(pg_project)() as session:
         user = session.scalar(select(User).where(User.username == "u0"))
         first = tasks.next_task(session, slug="load", user=user)
@@ -398,3 +411,136 @@ def test_a_submit_retried_while_the_first_is_in_flight_is_recorded_once(pg_proje
     with make_session_factory(pg_project)() as session:
         assert tasks.check_invariants(session) == []
         assert session.scalar(select(func.count()).select_from(Annotation)) == 1
+
+
+# --------------------------------------------------------------------------- on the event loop
+
+
+@pytest.fixture
+def pg_app(pg_project, tmp_path):
+    """The app on ``pg_project``'s committed database (its statement pool open), a bearer
+    token each for u0 and u1, and the statements the app sent through SQLAlchemy."""
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=pg_project.url.render_as_string(hide_password=False),
+        secret_key="test-secret",
+        max_open_leases=3,
+    )
+    app = create_app(settings)
+    sent: list[str] = []
+    event.listen(app.state.engine, "before_cursor_execute", lambda *a: sent.append(a[2]))
+    with make_session_factory(pg_project)() as s:
+        users = {u.username: u for u in s.scalars(select(User))}
+        headers = {name: auth(make_token(s, users[name])) for name in ("u0", "u1")}
+    with TestClient(app) as client:
+        assert app.state.statement_pool is not None
+        yield client, headers, sent
+    app.state.engine.dispose()
+
+
+def _next(client, headers, **params):
+    return client.get("/api/v1/projects/load/tasks/next", headers=headers, params=params)
+
+
+def _submit(client, headers, task, ranking=None):
+    ranking = ranking or [[c["id"]] for c in task["completions"]]
+    return client.post(
+        f"/api/v1/leases/{task['lease_id']}/submit", headers=headers, json={"ranking": ranking}
+    )
+
+
+def test_a_recently_checked_token_labels_with_no_statement_through_sqlalchemy(pg_app):
+    """A bearer token this process checked within the cache time gets its task and records
+    its annotation in one statement each, on the event loop (the statement pool): nothing goes
+    through SQLAlchemy's engine and its worker threads. The first request checks the token."""
+    client, headers, sent = pg_app
+    first = _next(client, headers["u0"])
+    assert first.status_code == 200
+    assert any("api_token" in s for s in sent)  # the token read (and its last use written)
+    assert _submit(client, headers["u0"], first.json()).status_code == 201
+
+    sent.clear()
+    task = _next(client, headers["u0"]).json()
+    ranking = [[c["id"]] for c in reversed(task["completions"])]
+    recorded = _submit(client, headers["u0"], task, ranking)
+    assert recorded.status_code == 201
+    assert "Idempotent-Replayed" not in recorded.headers
+    assert sent == []
+    with make_session_factory(client.app.state.engine)() as s:
+        assert tasks.check_invariants(s) == []
+        annotation = s.get(Annotation, recorded.json()["annotation_id"])
+        lease = s.get(Lease, task["lease_id"])
+        assert lease.status.value == "submitted"
+        assert annotation.ranking == ranking
+        assert annotation.display_order == [c["id"] for c in task["completions"]]
+        assert annotation.user_id == lease.user_id
+
+
+def test_the_event_loop_path_leaves_every_other_case_to_the_full_services(pg_app):
+    """Whatever the one statement does not do — resume a lease, a retried submit, refusals
+    that must name their reason, the open-lease limit, someone else's lease — is answered by
+    the full services, exactly as before, and writes nothing twice."""
+    client, headers, sent = pg_app
+    u0, u1 = headers["u0"], headers["u1"]
+    _next(client, u1)  # both tokens checked now
+    task = _next(client, u0).json()
+
+    sent.clear()
+    assert _next(client, u0).json()["lease_id"] == task["lease_id"]  # a reload resumes
+    assert sent  # by the full service
+
+    ids = [c["id"] for c in task["completions"]]
+    missing = _submit(client, u0, task, [[i] for i in ids[:-1]])
+    assert missing.status_code == 422
+    assert "missing" in missing.json()["errors"][0]["message"]
+    assert _submit(client, u1, task).status_code == 403  # not u1's lease
+
+    recorded = _submit(client, u0, task)
+    assert recorded.status_code == 201
+    retried = _submit(client, u0, task)
+    assert retried.status_code == 201
+    assert retried.headers["Idempotent-Replayed"] == "true"
+    assert retried.json() == recorded.json()
+    other = [[i] for i in reversed(ids)]
+    assert _submit(client, u0, task, other).status_code == 409  # used, with another answer
+
+    held = [_next(client, u0, exclude=[]).json()["lease_id"]]
+    while len(held) < 3:  # max_open_leases = 3
+        held.append(_next(client, u0, exclude=held).json()["lease_id"])
+    limited = _next(client, u0, exclude=held)
+    assert limited.status_code == 429
+    assert "Retry-After" in limited.headers
+    assert client.get("/api/v1/projects/nope/tasks/next", headers=u0).status_code == 404
+    with make_session_factory(client.app.state.engine)() as s:
+        assert tasks.check_invariants(s) == []
+        assert s.scalar(select(func.count()).select_from(Annotation)) == 1
+
+
+def test_with_no_pooled_connection_soon_the_worker_threads_answer_at_once(pg_app, monkeypatch):
+    """All the statement pool's connections busy (or the database unreachable): a request waits
+    STATEMENT_POOL_WAIT_S for one, then the full services answer; for STATEMENT_POOL_REST_S
+    after that the pool is not asked (no wait), then it is again."""
+    client, headers, sent = pg_app
+    monkeypatch.setattr(tasks, "_last_reclaim", float("inf"))  # no periodic reclaim pass now
+    pool = client.app.state.statement_pool
+    _next(client, headers["u0"], exclude=[])  # the token checked
+    taken = [client.portal.call(pool.getconn) for _ in range(pool.max_size)]
+    try:
+        sent.clear()
+        started = time.monotonic()
+        waited = _next(client, headers["u0"], exclude=[1])
+        assert waited.status_code == 200
+        assert time.monotonic() - started >= STATEMENT_POOL_WAIT_S
+        assert sent  # answered by the full service
+        started = time.monotonic()
+        rested = _next(client, headers["u1"])
+        assert rested.status_code == 200
+        assert time.monotonic() - started < STATEMENT_POOL_WAIT_S  # resting: no wait
+    finally:
+        for conn in taken:
+            client.portal.call(pool.putconn, conn)
+    time.sleep(STATEMENT_POOL_REST_S + 0.2)
+    sent.clear()  # on the pool again:
+    assert _submit(client, headers["u1"], rested.json()).status_code == 201
+    assert _next(client, headers["u1"]).status_code == 200  # a new lease
+    assert sent == []
