@@ -202,7 +202,10 @@ class Precompiled:
         return compiled
 
     def first(self, connection: Connection, params: dict[str, Any]) -> Any:
-        """The statement's first row (a named tuple), or None."""
+        """The statement's first row (a named tuple), or None. With a driver other than
+        psycopg, SQLAlchemy runs it."""
+        if connection.dialect.driver != "psycopg":
+            return connection.execute(self.statement, params).first()
         compiled = self.compiled(connection.dialect)
         values = compiled.values(params)
         driver_connection = connection.connection.driver_connection

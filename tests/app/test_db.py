@@ -309,3 +309,19 @@ def test_the_statement_pool_runs_precompiled_statements_and_drops_dead_connectio
     _projects(pg_engine, "a", "b")
     asyncio.run(scenario())
     assert _slugs(pg_engine) == ["b", "d"]  # each statement committed by itself
+
+
+def test_precompiled_leaves_other_drivers_to_sqlalchemy(tmp_path):
+    url, drop = create_database("sqlite", tmp_path)
+    migrate(url)
+    engine = make_engine(url)
+    try:
+        _projects(engine, "a")
+        with engine.connect() as conn:
+            row = _RENAME.first(conn, {"old": "a", "new": "b", "flags": ["x"]})
+            assert (row.slug, row.flags) == ("b", ["x"])
+            conn.commit()
+        assert _slugs(engine) == ["b"]
+    finally:
+        engine.dispose()
+        drop()
