@@ -174,7 +174,8 @@ class Precompiled:
     (cache key of a large statement, execution context, result wrapping) would cost more
     client CPU than the driver itself. The SQL, the parameters' conversions (SQLAlchemy's own
     bind processors: enums, JSON) and the statement's constants are worked out once; rows come
-    back as named tuples. Driver errors become SQLAlchemy's exceptions (``IntegrityError``,
+    back as named tuples, converted as SQLAlchemy would (its result processors: UTC datetimes,
+    enums). Driver errors become SQLAlchemy's exceptions (``IntegrityError``,
     ``OperationalError`` …), which the app answers like any other.
 
     - :meth:`first` runs on a SQLAlchemy ``Connection`` (its transaction, if any): a lost
@@ -219,7 +220,7 @@ class Precompiled:
             cursor.execute(compiled.sql, values)
             if dispatch.after_cursor_execute:
                 dispatch.after_cursor_execute(connection, cursor, compiled.sql, values, None, False)
-            return cursor.fetchone() if cursor.description is not None else None
+            return compiled.row(cursor.fetchone() if cursor.description is not None else None)
         except compiled.driver_error as e:
             lost = compiled.dialect.is_disconnect(e, driver_connection, cursor)
             if lost:
@@ -236,7 +237,8 @@ class Precompiled:
         try:
             async with connection.cursor(row_factory=namedtuple_row) as cursor:
                 await cursor.execute(compiled.sql, values)
-                return await cursor.fetchone() if cursor.description is not None else None
+                row = await cursor.fetchone() if cursor.description is not None else None
+            return compiled.row(row)
         except compiled.driver_error as e:
             lost = compiled.dialect.is_disconnect(e, connection, None)
             raise compiled.translated(e, values, lost) from e
@@ -245,7 +247,16 @@ class Precompiled:
 class _Compiled:
     """:class:`Precompiled`'s statement for one dialect."""
 
-    __slots__ = ("constants", "dialect", "driver_error", "processors", "required", "sql")
+    __slots__ = (
+        "columns",
+        "constants",
+        "dialect",
+        "driver_error",
+        "processors",
+        "required",
+        "result_processors",
+        "sql",
+    )
 
     def __init__(self, statement: Any, dialect: Any) -> None:
         compiled = statement.compile(dialect=dialect)
@@ -265,6 +276,11 @@ class _Compiled:
             for name, value in compiled.construct_params(_check=False).items()
             if name not in self.required
         }
+        # SQLAlchemy's conversions of the result's columns (UTC datetimes, enums), if any
+        result_types = [column[3] for column in compiled._result_columns]
+        self.columns = len(result_types)
+        processors = [t.result_processor(dialect, None) for t in result_types]
+        self.result_processors = processors if any(processors) else None
 
     def _processed(self, name: str, value: Any) -> Any:
         processor = self.processors.get(name)
@@ -280,6 +296,17 @@ class _Compiled:
             processor = processors.get(name)
             values[name] = value if processor is None else processor(value)
         return values
+
+    def row(self, row: Any) -> Any:
+        """A driver's row (named tuple) with SQLAlchemy's conversions applied."""
+        if row is None or self.result_processors is None:
+            return row
+        if len(row) != self.columns:
+            raise ValueError(f"expected {self.columns} columns, got {len(row)}")
+        return row._make(
+            value if process is None else process(value)
+            for process, value in zip(self.result_processors, row, strict=True)
+        )
 
     def translated(self, error: Exception, values: dict[str, Any], lost: bool) -> Exception:
         return exc.DBAPIError.instance(

@@ -7,6 +7,7 @@ import io
 import json
 import threading
 import time
+from datetime import UTC
 
 import pytest
 from anyio import to_thread
@@ -203,7 +204,7 @@ _RENAME = Precompiled(
     update(Project)
     .where(Project.slug == bindparam("old"))
     .values(slug=bindparam("new"), flags=bindparam("flags"))
-    .returning(Project.id, Project.slug, Project.flags)
+    .returning(Project.id, Project.slug, Project.flags, Project.created_at)
 )
 
 
@@ -239,10 +240,13 @@ def test_precompiled_sends_sqlalchemys_statement_and_answers_with_its_exceptions
     sent: list[str] = []
     event.listen(pg_engine, "before_cursor_execute", lambda *a: sent.append(a[2]))
     with pg_engine.connect() as conn:
+        conn.exec_driver_sql("SET TIME ZONE 'Asia/Tokyo'")
         sql = _RENAME.compiled(conn.dialect).sql
         assert sql == str(_RENAME.statement.compile(dialect=conn.dialect))
+        sent.clear()
         row = _RENAME.first(conn, {"old": "a", "new": "c", "flags": ["too long"]})
         assert (row.slug, row.flags) == ("c", ["too long"])
+        assert row.created_at.tzinfo == UTC  # the column type's own conversion
         assert sent == [sql]
         assert _RENAME.first(conn, {"old": "a", "new": "d", "flags": []}) is None
         with pytest.raises(IntegrityError):  # slug b is taken

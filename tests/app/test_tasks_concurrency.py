@@ -32,16 +32,19 @@ from app.main import create_app
 from app.models import (
     Annotation,
     AnnotationStatus,
+    ApiToken,
     Completion,
     Lease,
     Project,
     Prompt,
     Role,
     User,
+    WebSession,
     utcnow,
 )
 from app.schemas import SubmitAnnotation
-from app.services import tasks
+from app.security import hash_token
+from app.services import tasks, users
 from tests.conftest import create_database, migrate
 from tests.factories import auth, make_token
 
@@ -544,3 +547,40 @@ def test_with_no_pooled_connection_soon_the_worker_threads_answer_at_once(pg_app
     assert _submit(client, headers["u1"], rested.json()).status_code == 201
     assert _next(client, headers["u1"]).status_code == 200  # a new lease
     assert sent == []
+
+
+def test_a_token_revoked_or_deactivated_in_this_process_is_refused_at_once(pg_app):
+    """The event loop path trusts only a token the cache holds; a revocation or deactivation
+    made by this process clears the cache, so the very next request is checked again (by the
+    full services) and refused. A browser session labels too (by the full services)."""
+    client, headers, sent = pg_app
+    assert _next(client, headers["u0"]).status_code == 200
+    assert _next(client, headers["u1"]).status_code == 200
+    unknown = _next(client, auth("not-a-token"))
+    assert unknown.status_code == 401
+    assert unknown.headers["WWW-Authenticate"] == "Bearer"
+
+    factory = make_session_factory(client.app.state.engine)
+    with factory() as s:
+        token = s.scalar(select(ApiToken).join(User).where(User.username == "u0"))
+        users.revoke_token(s, token_id=token.id)
+    assert _next(client, headers["u0"]).json()["detail"] == "token revoked"
+    with factory() as s:
+        users.set_user_active(s, username="u1", active=False)
+    assert _next(client, headers["u1"]).json()["detail"] == "account deactivated"
+
+    with factory() as s:
+        user = s.scalar(select(User).where(User.username == "u0"))
+        s.add(
+            WebSession(
+                token_hash=hash_token("cookie"),
+                user_id=user.id,
+                csrf_token="csrf",
+                expires_at=utcnow() + timedelta(hours=1),
+            )
+        )
+        s.commit()
+    sent.clear()
+    client.cookies.set("prefero_session", "cookie")
+    assert _next(client, {}).status_code == 200
+    assert sent  # the full services
